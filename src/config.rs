@@ -1,0 +1,226 @@
+//! Layered configuration.
+//!
+//! The shipped `config.toml` is compiled in as the bottom layer, so every key
+//! always has a documented default; a file given on the command line (or
+//! `./config.toml`), `FLASHSALE__SECTION__KEY` environment variables and CLI
+//! flags override it in that order. Every struct denies unknown fields: a
+//! misspelt key is an error at start-up, not a silently ignored setting.
+//! Secrets are [`SecretString`]s, whose `Debug` output is redacted.
+
+use std::path::Path;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// The configuration file as shipped, the lowest layer.
+pub const SHIPPED_CONFIG: &str = include_str!("../config.toml");
+
+/// Environment variables starting with this prefix (then `__`) override keys.
+pub const ENV_PREFIX: &str = "FLASHSALE";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub rabbitmq: RabbitSettings,
+    pub auth: AuthSettings,
+    pub sales: SalesSettings,
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    pub workers: usize,
+    pub max_body_bytes: usize,
+    pub client_request_timeout_ms: u64,
+    pub keep_alive_secs: u64,
+    pub max_connections_per_worker: usize,
+    pub backlog: u32,
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: SecretString,
+    pub create_if_missing: bool,
+    pub pool_size: u32,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: SecretString,
+    pub key_prefix: String,
+    pub pool_size: u32,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitSettings {
+    pub url: SecretString,
+    pub queue: String,
+    pub dead_letter_queue: String,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub jwt_secret: SecretString,
+    pub jwt_issuer: String,
+    pub token_ttl_secs: u64,
+    pub admin_token: SecretString,
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_parallelism: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SalesSettings {
+    pub default_currency: String,
+    pub default_per_user_limit: u32,
+    pub default_reservation_ttl_secs: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub log_filter: String,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags given on the command line; they win over every other layer.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+}
+
+impl Settings {
+    /// Loads the layers: shipped defaults, then `file` (which must exist when
+    /// given), then the environment, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, config::ConfigError> {
+        Self::load_from(file, overrides, true)
+    }
+
+    /// Loads the layers without reading the process environment (for tests
+    /// that must not be influenced by the caller's variables).
+    pub fn load_without_env(
+        file: Option<&Path>,
+        overrides: &Overrides,
+    ) -> Result<Self, config::ConfigError> {
+        Self::load_from(file, overrides, false)
+    }
+
+    fn load_from(
+        file: Option<&Path>,
+        overrides: &Overrides,
+        read_env: bool,
+    ) -> Result<Self, config::ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            SHIPPED_CONFIG,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        if read_env {
+            builder = builder.add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            );
+        }
+        if let Some(host) = &overrides.host {
+            builder = builder.set_override("server.host", host.clone())?;
+        }
+        if let Some(port) = overrides.port {
+            builder = builder.set_override("server.port", i64::from(port))?;
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks that hold across keys or that serde cannot express.
+    fn validate(&self) -> Result<(), config::ConfigError> {
+        let fail = |msg: &str| Err(config::ConfigError::Message(msg.to_owned()));
+        if !crate::domain::sale::is_currency_code(&self.sales.default_currency) {
+            return fail("sales.default_currency must be three capital letters (ISO 4217)");
+        }
+        if self.sales.default_per_user_limit == 0 {
+            return fail("sales.default_per_user_limit must be at least 1");
+        }
+        if self.sales.default_reservation_ttl_secs == 0 {
+            return fail("sales.default_reservation_ttl_secs must be at least 1");
+        }
+        if self.database.pool_size == 0 || self.redis.pool_size == 0 {
+            return fail("database.pool_size and redis.pool_size must be at least 1");
+        }
+        if self.redis.key_prefix.is_empty() {
+            return fail("redis.key_prefix must not be empty");
+        }
+        if self.server.max_body_bytes < 64 {
+            return fail("server.max_body_bytes must be at least 64");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_loads() {
+        let settings = Settings::load_without_env(None, &Overrides::default());
+        let settings = match settings {
+            Ok(s) => s,
+            Err(e) => panic!("shipped config.toml does not load: {e}"),
+        };
+        assert_eq!(settings.server.port, 8080);
+        assert_eq!(settings.telemetry.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let settings = Settings::load_without_env(None, &Overrides::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("change-me-admin-token"), "{printed}");
+        assert!(!printed.contains("guest:guest"), "{printed}");
+    }
+
+    #[test]
+    fn cli_overrides_win() {
+        let overrides = Overrides {
+            host: Some("0.0.0.0".into()),
+            port: Some(9999),
+        };
+        let settings =
+            Settings::load_without_env(None, &overrides).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(settings.server.port, 9999);
+        assert_eq!(settings.server.host, "0.0.0.0");
+    }
+}

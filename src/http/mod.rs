@@ -1,0 +1,149 @@
+//! The HTTP boundary: routing, extractors, the request-id/tracing middleware
+//! and the mapping of errors to problem answers.
+//!
+//! Handlers are thin: they authenticate, validate, call the domain, the
+//! actors or the stores, and shape the answer. They never decide stock.
+
+pub mod auth;
+pub mod error;
+pub mod health;
+pub mod json;
+pub mod openapi;
+pub mod sales;
+pub mod users;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{web, HttpMessage, HttpResponse};
+use tracing::Instrument;
+
+use self::error::ApiError;
+use crate::auth::{AdminToken, Passwords, TokenKeys};
+use crate::config::SalesSettings;
+use crate::persistence::postgres::Database;
+use crate::persistence::redis::RedisStore;
+
+/// What every handler may reach. Built once by `Application::build`.
+pub struct AppState {
+    pub db: Database,
+    pub redis: RedisStore,
+    pub rabbit: lapin::Connection,
+    pub tokens: TokenKeys,
+    pub passwords: Passwords,
+    pub admin_token: AdminToken,
+    pub sales_defaults: SalesSettings,
+    /// Set once start-up recovery has finished; `/readyz` waits for it.
+    pub recovered: AtomicBool,
+}
+
+impl AppState {
+    pub fn pipeline_health(&self) -> Result<(), String> {
+        if self.rabbit.status().connected() {
+            Ok(())
+        } else {
+            Err("connection to RabbitMQ is down".to_owned())
+        }
+    }
+
+    pub fn recovery_status(&self) -> String {
+        if self.recovered.load(Ordering::Acquire) {
+            "ok".to_owned()
+        } else {
+            "recovery in progress".to_owned()
+        }
+    }
+}
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request id: the client's when it sent a sane one, else a fresh one.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+fn request_id_of(req: &ServiceRequest) -> String {
+    req.headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
+}
+
+/// Wraps every request in a span carrying its id, and echoes the id back.
+pub fn request_context<S, B>(
+    req: ServiceRequest,
+    srv: &S,
+) -> impl std::future::Future<Output = Result<ServiceResponse<B>, actix_web::Error>> + 'static
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    S::Future: 'static,
+{
+    let id = request_id_of(&req);
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.path(),
+        request_id = %id,
+    );
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let fut = srv.call(req);
+    async move {
+        let mut res = fut.await?;
+        let status = res.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), "request done");
+        }
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            res.headers_mut().insert(REQUEST_ID, v);
+        }
+        Ok(res)
+    }
+    .instrument(span)
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound)
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+/// A resource whose other methods answer 405 as a problem (without this they
+/// would fall through to the application's 404).
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+/// Every route of the server.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/healthz").route(web::get().to(health::healthz)))
+        .service(resource("/readyz").route(web::get().to(health::readyz)))
+        .service(resource("/openapi.json").route(web::get().to(health::openapi)))
+        .service(
+            web::scope("/api/v1")
+                .service(resource("/users").route(web::post().to(users::register)))
+                .service(resource("/sessions").route(web::post().to(users::login)))
+                .service(resource("/sales").route(web::get().to(sales::list_public)))
+                .service(resource("/sales/{id}").route(web::get().to(sales::get_public))),
+        )
+        .service(
+            web::scope("/admin/v1")
+                .service(
+                    resource("/sales")
+                        .route(web::get().to(sales::list_admin))
+                        .route(web::post().to(sales::create)),
+                )
+                .service(
+                    resource("/sales/{id}")
+                        .route(web::get().to(sales::get_admin))
+                        .route(web::patch().to(sales::patch)),
+                )
+                .service(resource("/sales/{id}/pause").route(web::post().to(sales::pause)))
+                .service(resource("/sales/{id}/resume").route(web::post().to(sales::resume))),
+        )
+        .default_service(web::to(not_found));
+}

@@ -1,0 +1,363 @@
+//! The sales catalogue: public views for shoppers and the admin API.
+
+use actix_web::{web, HttpResponse};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::auth::Admin;
+use super::error::{ApiError, Problem};
+use super::json::ApiJson;
+use super::AppState;
+use crate::domain::sale::{PatchError, Sale, SalePatch, SaleSpec, SaleStatus};
+use crate::persistence::postgres::SaleCounters;
+
+/// A sale as shoppers see it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SaleView {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub price_cents: i64,
+    pub currency: String,
+    pub stock_total: i64,
+    pub stock_left: i64,
+    pub per_user_limit: i64,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    pub reservation_ttl_secs: i64,
+    pub status: SaleStatus,
+}
+
+impl SaleView {
+    pub fn new(sale: &Sale, stock_left: i64, now: DateTime<Utc>) -> Self {
+        let s = &sale.spec;
+        SaleView {
+            id: sale.id,
+            name: s.name.clone(),
+            description: s.description.clone(),
+            price_cents: s.price_cents,
+            currency: s.currency.clone(),
+            stock_total: s.stock_total,
+            stock_left,
+            per_user_limit: s.per_user_limit,
+            starts_at: s.starts_at,
+            ends_at: s.ends_at,
+            reservation_ttl_secs: s.reservation_ttl_secs,
+            status: sale.status(now, stock_left),
+        }
+    }
+}
+
+/// One sale and the server's clock, so clients can count down to the start.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SaleWithTime {
+    #[serde(flatten)]
+    pub sale: SaleView,
+    pub server_time: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SaleList {
+    pub server_time: DateTime<Utc>,
+    pub sales: Vec<SaleView>,
+}
+
+/// Units of a sale by order status (sums of quantities).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct CountersView {
+    pub reserved: i64,
+    pub paid: i64,
+    pub expired: i64,
+    pub cancelled: i64,
+}
+
+impl From<SaleCounters> for CountersView {
+    fn from(c: SaleCounters) -> Self {
+        CountersView {
+            reserved: c.reserved,
+            paid: c.paid,
+            expired: c.expired,
+            cancelled: c.cancelled,
+        }
+    }
+}
+
+/// A sale with its order counters, for admins.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AdminSaleView {
+    #[serde(flatten)]
+    pub sale: SaleView,
+    #[serde(flatten)]
+    pub counters: CountersView,
+    pub paused: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AdminSaleList {
+    pub sales: Vec<AdminSaleView>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSale {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub price_cents: i64,
+    #[serde(default)]
+    pub currency: Option<String>,
+    pub stock_total: i64,
+    #[serde(default)]
+    pub per_user_limit: Option<i64>,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    #[serde(default)]
+    pub reservation_ttl_secs: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchSale {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub price_cents: Option<i64>,
+    pub currency: Option<String>,
+    pub stock_total: Option<i64>,
+    pub per_user_limit: Option<i64>,
+    pub starts_at: Option<DateTime<Utc>>,
+    pub ends_at: Option<DateTime<Utc>>,
+    pub reservation_ttl_secs: Option<i64>,
+}
+
+impl From<PatchSale> for SalePatch {
+    fn from(p: PatchSale) -> Self {
+        SalePatch {
+            name: p.name,
+            description: p.description,
+            price_cents: p.price_cents,
+            currency: p.currency,
+            stock_total: p.stock_total,
+            per_user_limit: p.per_user_limit,
+            starts_at: p.starts_at,
+            ends_at: p.ends_at,
+            reservation_ttl_secs: p.reservation_ttl_secs,
+        }
+    }
+}
+
+impl From<PatchError> for ApiError {
+    fn from(e: PatchError) -> Self {
+        match e {
+            PatchError::Invalid(v) => ApiError::Invalid(v),
+            PatchError::Transition(t) => ApiError::InvalidTransition(t.to_string()),
+        }
+    }
+}
+
+/// Path ids that are not UUIDs name no sale.
+pub(crate) fn sale_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::SaleNotFound)
+}
+
+async fn load_sale(state: &AppState, id: Uuid) -> Result<Sale, ApiError> {
+    state.db.get_sale(id).await?.ok_or(ApiError::SaleNotFound)
+}
+
+fn admin_view(sale: &Sale, counters: SaleCounters, now: DateTime<Utc>) -> AdminSaleView {
+    AdminSaleView {
+        sale: SaleView::new(sale, sale.spec.stock_total - counters.held(), now),
+        counters: counters.into(),
+        paused: sale.paused,
+        created_at: sale.created_at,
+        updated_at: sale.updated_at,
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/sales", tag = "shoppers",
+    responses((status = 200, body = SaleList)))]
+pub async fn list_public(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let sales = state.db.list_sales().await?;
+    let counters = state.db.all_sale_counters().await?;
+    let now = Utc::now();
+    let sales = sales
+        .iter()
+        .map(|s| {
+            let held = counters.get(&s.id).map_or(0, SaleCounters::held);
+            SaleView::new(s, s.spec.stock_total - held, now)
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(SaleList {
+        server_time: now,
+        sales,
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/sales/{id}", tag = "shoppers",
+    params(("id" = String, Path, description = "sale id")),
+    responses((status = 200, body = SaleWithTime),
+        (status = 404, description = "sale_not_found", body = Problem)))]
+pub async fn get_public(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = sale_id(&path)?;
+    let sale = load_sale(&state, id).await?;
+    let counters = state.db.sale_counters(id).await?;
+    let now = Utc::now();
+    Ok(HttpResponse::Ok().json(SaleWithTime {
+        sale: SaleView::new(&sale, sale.spec.stock_total - counters.held(), now),
+        server_time: now,
+    }))
+}
+
+#[utoipa::path(post, path = "/admin/v1/sales", tag = "admins", request_body = CreateSale,
+    security(("admin_token" = [])),
+    responses((status = 201, body = AdminSaleView),
+        (status = 401, description = "unauthenticated", body = Problem),
+        (status = 422, description = "invalid_input", body = Problem)))]
+pub async fn create(
+    _: Admin,
+    state: web::Data<AppState>,
+    body: ApiJson<CreateSale>,
+) -> Result<HttpResponse, ApiError> {
+    let b = body.0;
+    let defaults = &state.sales_defaults;
+    let spec = SaleSpec {
+        name: b.name,
+        description: b.description.unwrap_or_default(),
+        price_cents: b.price_cents,
+        currency: b
+            .currency
+            .unwrap_or_else(|| defaults.default_currency.clone()),
+        stock_total: b.stock_total,
+        per_user_limit: b
+            .per_user_limit
+            .unwrap_or(i64::from(defaults.default_per_user_limit)),
+        starts_at: b.starts_at,
+        ends_at: b.ends_at,
+        reservation_ttl_secs: b
+            .reservation_ttl_secs
+            .unwrap_or(i64::from(defaults.default_reservation_ttl_secs)),
+    };
+    spec.validate()?;
+    let now = Utc::now();
+    let sale = Sale {
+        id: Uuid::now_v7(),
+        spec,
+        paused: false,
+        created_at: now,
+        updated_at: now,
+    };
+    state.db.insert_sale(&sale).await?;
+    tracing::info!(sale_id = %sale.id, name = %sale.spec.name, "sale created");
+    Ok(HttpResponse::Created().json(admin_view(&sale, SaleCounters::default(), now)))
+}
+
+#[utoipa::path(get, path = "/admin/v1/sales", tag = "admins", security(("admin_token" = [])),
+    responses((status = 200, body = AdminSaleList),
+        (status = 401, description = "unauthenticated", body = Problem)))]
+pub async fn list_admin(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let sales = state.db.list_sales().await?;
+    let counters = state.db.all_sale_counters().await?;
+    let now = Utc::now();
+    let sales = sales
+        .iter()
+        .map(|s| admin_view(s, counters.get(&s.id).copied().unwrap_or_default(), now))
+        .collect();
+    Ok(HttpResponse::Ok().json(AdminSaleList { sales }))
+}
+
+#[utoipa::path(get, path = "/admin/v1/sales/{id}", tag = "admins", security(("admin_token" = [])),
+    params(("id" = String, Path, description = "sale id")),
+    responses((status = 200, body = AdminSaleView),
+        (status = 401, description = "unauthenticated", body = Problem),
+        (status = 404, description = "sale_not_found", body = Problem)))]
+pub async fn get_admin(
+    _: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = sale_id(&path)?;
+    let sale = load_sale(&state, id).await?;
+    let counters = state.db.sale_counters(id).await?;
+    Ok(HttpResponse::Ok().json(admin_view(&sale, counters, Utc::now())))
+}
+
+#[utoipa::path(patch, path = "/admin/v1/sales/{id}", tag = "admins", request_body = PatchSale,
+    security(("admin_token" = [])),
+    params(("id" = String, Path, description = "sale id")),
+    responses((status = 200, body = AdminSaleView),
+        (status = 401, description = "unauthenticated", body = Problem),
+        (status = 404, description = "sale_not_found", body = Problem),
+        (status = 409, description = "invalid_transition", body = Problem),
+        (status = 422, description = "invalid_input", body = Problem)))]
+pub async fn patch(
+    _: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: ApiJson<PatchSale>,
+) -> Result<HttpResponse, ApiError> {
+    let id = sale_id(&path)?;
+    let mut sale = load_sale(&state, id).await?;
+    let counters = state.db.sale_counters(id).await?;
+    let now = Utc::now();
+    sale.spec = sale.patched(&body.0.into(), now, counters.held())?;
+    sale.updated_at = now;
+    state.db.update_sale(&sale).await?;
+    tracing::info!(sale_id = %id, "sale updated");
+    Ok(HttpResponse::Ok().json(admin_view(&sale, counters, now)))
+}
+
+async fn set_paused(
+    state: &AppState,
+    raw_id: &str,
+    paused: bool,
+) -> Result<HttpResponse, ApiError> {
+    let id = sale_id(raw_id)?;
+    let mut sale = load_sale(state, id).await?;
+    let now = Utc::now();
+    sale.ensure_not_ended(now)
+        .map_err(|e| ApiError::InvalidTransition(e.to_string()))?;
+    if sale.paused != paused {
+        sale.paused = paused;
+        sale.updated_at = now;
+        state.db.update_sale(&sale).await?;
+        tracing::info!(sale_id = %id, paused, "sale pause state changed");
+    }
+    let counters = state.db.sale_counters(id).await?;
+    Ok(HttpResponse::Ok().json(admin_view(&sale, counters, now)))
+}
+
+#[utoipa::path(post, path = "/admin/v1/sales/{id}/pause", tag = "admins",
+    security(("admin_token" = [])),
+    params(("id" = String, Path, description = "sale id")),
+    responses((status = 200, body = AdminSaleView),
+        (status = 401, description = "unauthenticated", body = Problem),
+        (status = 404, description = "sale_not_found", body = Problem),
+        (status = 409, description = "invalid_transition", body = Problem)))]
+pub async fn pause(
+    _: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    set_paused(&state, &path, true).await
+}
+
+#[utoipa::path(post, path = "/admin/v1/sales/{id}/resume", tag = "admins",
+    security(("admin_token" = [])),
+    params(("id" = String, Path, description = "sale id")),
+    responses((status = 200, body = AdminSaleView),
+        (status = 401, description = "unauthenticated", body = Problem),
+        (status = 404, description = "sale_not_found", body = Problem),
+        (status = 409, description = "invalid_transition", body = Problem)))]
+pub async fn resume(
+    _: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    set_paused(&state, &path, false).await
+}

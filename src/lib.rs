@@ -1,0 +1,23 @@
+//! flashsale: a flash-sale server.
+//!
+//! Shoppers buy a small stock from a huge crowd in the same second. The
+//! promise, in order: never oversell, never lose an acknowledged order, never
+//! sell twice to one buyer; then be as fast as the machine allows.
+//!
+//! # Layout
+//! - [`config`]: layered settings (`config.toml`, environment, flags).
+//! - [`domain`]: the rules as plain data, with unit tests.
+//! - [`actors`]: the stock actors (one per sale) and the order writers.
+//! - [`persistence`]: PostgreSQL, Redis and RabbitMQ.
+//! - [`http`]: routes, extractors, and errors mapped to problem answers.
+//! - [`startup`]: [`startup::Application`], used by the binary and the tests.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the data flow.
+
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod persistence;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,93 @@
+//! RabbitMQ: the durable order log between the stock actors and PostgreSQL.
+//!
+//! This module owns connecting and the topology: the durable order queue, a
+//! dead-letter exchange and the dead-letter queue it routes to. The server
+//! declares them at start (declarations are idempotent), so a fresh broker
+//! needs no set-up by hand.
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use secrecy::ExposeSecret;
+
+use super::{redact_url, Unreachable};
+use crate::config::RabbitSettings;
+
+/// Opens a connection, bounded by the configured time-out.
+pub async fn connect(settings: &RabbitSettings, name: &str) -> Result<Connection, Unreachable> {
+    let url = settings.url.expose_secret();
+    let unreachable = |e: &dyn std::fmt::Display| {
+        Unreachable::new("RabbitMQ", redact_url(url), "rabbitmq.url", e)
+    };
+    let properties =
+        ConnectionProperties::default().with_connection_name(LongString::from(name.to_owned()));
+    let timeout = Duration::from_millis(settings.connect_timeout_ms);
+    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(unreachable(&e)),
+        Err(_) => Err(unreachable(&format!(
+            "no answer within {} ms",
+            settings.connect_timeout_ms
+        ))),
+    }
+}
+
+/// Declares the order queue, its dead-letter exchange and the dead-letter
+/// queue. Safe to call any number of times with the same settings.
+pub async fn declare_topology(channel: &Channel, settings: &RabbitSettings) -> lapin::Result<()> {
+    let dlx = settings.dead_letter_queue.as_str();
+    channel
+        .exchange_declare(
+            dlx.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            dlx.into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            dlx.into(),
+            dlx.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(dlx.to_owned())),
+    );
+    channel
+        .queue_declare(
+            settings.queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            args,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Messages ready in a queue (not counting those delivered and not yet acked).
+pub async fn queue_depth(channel: &Channel, queue: &str) -> lapin::Result<u32> {
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable().passive(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.message_count())
+}

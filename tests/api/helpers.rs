@@ -1,0 +1,312 @@
+//! Spawns a fresh application per test: its own database (created and
+//! migrated), Redis key prefix and RabbitMQ queue names, on port 0. Tests run
+//! in parallel and clean up after themselves; databases left by a test that
+//! panicked are swept by a later run once they are an hour old.
+
+use std::sync::Once;
+
+use chrono::{DateTime, Duration, Utc};
+use flashsale::config::{Overrides, Settings};
+use flashsale::startup::{Application, ShutdownHandle};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+const TEST_DB_PREFIX: &str = "flashsale_test_";
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    shutdown: ShutdownHandle,
+    server: actix_web::rt::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// A unique id for this test's resources: its time (for the stale sweep)
+/// and a random part.
+fn unique_id() -> String {
+    format!(
+        "{}_{}",
+        Utc::now().timestamp(),
+        &Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+fn maintenance_url() -> String {
+    std::env::var("FLASHSALE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// Settings for one test: shipped defaults, isolated names, cheap hashing.
+pub fn test_settings() -> Settings {
+    let mut s = Settings::load_without_env(None, &Overrides::default())
+        .unwrap_or_else(|e| panic!("shipped config must load: {e}"));
+    let id = unique_id();
+    s.server.port = 0;
+    s.server.workers = 2;
+    s.database.url = SecretString::from(format!("{}/{TEST_DB_PREFIX}{id}", maintenance_url()));
+    s.database.pool_size = 4;
+    s.redis.key_prefix = format!("flashsale_test:{id}");
+    s.rabbitmq.queue = format!("flashsale.test.{id}.orders");
+    s.rabbitmq.dead_letter_queue = format!("flashsale.test.{id}.dead");
+    s.auth.admin_token = SecretString::from(ADMIN_TOKEN);
+    s.auth.argon2_memory_kib = 256;
+    s.auth.argon2_iterations = 1;
+    s.telemetry.log_filter = "warn".into();
+    s
+}
+
+pub fn db_name(settings: &Settings) -> String {
+    let url = settings.database.url.expose_secret();
+    url.rsplit('/').next().unwrap_or_default().to_owned()
+}
+
+static SWEEP: Once = Once::new();
+
+/// Drops test databases more than an hour old (left by a crashed run).
+async fn sweep_stale_databases() {
+    let Ok((client, conn)) = tokio_postgres::connect(
+        &format!("{}/postgres", maintenance_url()),
+        tokio_postgres::NoTls,
+    )
+    .await
+    else {
+        return;
+    };
+    actix_web::rt::spawn(conn);
+    let Ok(rows) = client
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE $1",
+            &[&format!("{TEST_DB_PREFIX}%")],
+        )
+        .await
+    else {
+        return;
+    };
+    let cutoff = (Utc::now() - Duration::hours(1)).timestamp();
+    for row in rows {
+        let name: String = row.get(0);
+        let ts = name
+            .trim_start_matches(TEST_DB_PREFIX)
+            .split('_')
+            .next()
+            .and_then(|t| t.parse::<i64>().ok());
+        if ts.is_some_and(|t| t < cutoff) {
+            let _ = client
+                .simple_query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .await;
+        }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(test_settings()).await
+}
+
+pub async fn spawn_app_with(settings: Settings) -> TestApp {
+    let mut first = false;
+    SWEEP.call_once(|| first = true);
+    if first {
+        sweep_stale_databases().await;
+    }
+    let app = Application::build(settings.clone())
+        .await
+        .unwrap_or_else(|e| panic!("application must start: {e}"));
+    let port = app.port();
+    let shutdown = app.shutdown_handle();
+    let server = actix_web::rt::spawn(app.run_until_stopped());
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap_or_else(|e| panic!("{e}")),
+        settings,
+        shutdown,
+        server,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    pub async fn post(&self, path: &str, body: &Value, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.post(self.url(path)).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    pub async fn patch(&self, path: &str, body: &Value, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.patch(self.url(path)).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+            .await
+            .unwrap_or_else(|e| panic!("PATCH {path}: {e}"))
+    }
+
+    pub async fn register(&self, username: &str, password: &str) -> reqwest::Response {
+        self.post(
+            "/api/v1/users",
+            &json!({"username": username, "password": password}),
+            None,
+        )
+        .await
+    }
+
+    /// Registers a fresh user and returns its id and a token.
+    pub async fn new_shopper(&self) -> (String, String) {
+        let username = format!("u{}", &Uuid::new_v4().simple().to_string()[..16]);
+        let res = self.register(&username, "password123").await;
+        assert_eq!(res.status(), 201, "register {username}");
+        let user: Value = res.json().await.unwrap_or_default();
+        let res = self
+            .post(
+                "/api/v1/sessions",
+                &json!({"username": username, "password": "password123"}),
+                None,
+            )
+            .await;
+        assert_eq!(res.status(), 200, "login {username}");
+        let session: Value = res.json().await.unwrap_or_default();
+        (
+            user["id"].as_str().unwrap_or_default().to_owned(),
+            session["token"].as_str().unwrap_or_default().to_owned(),
+        )
+    }
+
+    /// Creates a sale (admin); `overrides` replaces fields of a live default.
+    pub async fn create_sale(&self, overrides: Value) -> Value {
+        let res = self
+            .post("/admin/v1/sales", &sale_body(overrides), Some(ADMIN_TOKEN))
+            .await;
+        let status = res.status();
+        let body: Value = res.json().await.unwrap_or_default();
+        assert_eq!(status, 201, "create sale: {body}");
+        body
+    }
+
+    /// Stops the server and removes everything the test created.
+    pub async fn teardown(self) {
+        self.shutdown.stop();
+        let _ = self.server.await;
+        cleanup(&self.settings).await;
+    }
+}
+
+/// Drops the test's database, queues and Redis keys.
+pub async fn cleanup(settings: &Settings) {
+    let name = db_name(settings);
+    if let Ok((client, conn)) = tokio_postgres::connect(
+        &format!("{}/postgres", maintenance_url()),
+        tokio_postgres::NoTls,
+    )
+    .await
+    {
+        actix_web::rt::spawn(conn);
+        let _ = client
+            .simple_query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await;
+    }
+    if let Ok(conn) =
+        flashsale::persistence::rabbit::connect(&settings.rabbitmq, "test-cleanup").await
+    {
+        if let Ok(ch) = conn.create_channel().await {
+            for q in [
+                &settings.rabbitmq.queue,
+                &settings.rabbitmq.dead_letter_queue,
+            ] {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            let _ = ch
+                .exchange_delete(
+                    settings.rabbitmq.dead_letter_queue.as_str().into(),
+                    Default::default(),
+                )
+                .await;
+        }
+        let _ = conn.close(200, "cleanup".into()).await;
+    }
+    if let Ok(client) = bb8_redis::redis::Client::open(settings.redis.url.expose_secret()) {
+        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+            let pattern = format!("{}:*", settings.redis.key_prefix);
+            let keys: Vec<String> = bb8_redis::redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<i64, _> = bb8_redis::redis::cmd("DEL")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await;
+            }
+        }
+    }
+}
+
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A valid sale body that is live now for an hour; `overrides` wins.
+pub fn sale_body(overrides: Value) -> Value {
+    let now = Utc::now();
+    let mut body = json!({
+        "name": "Limited sneakers",
+        "description": "Only a few pairs",
+        "price_cents": 12_900,
+        "currency": "EUR",
+        "stock_total": 100,
+        "per_user_limit": 1,
+        "starts_at": rfc3339(now - Duration::seconds(5)),
+        "ends_at": rfc3339(now + Duration::hours(1)),
+    });
+    if let (Some(b), Some(o)) = (body.as_object_mut(), overrides.as_object()) {
+        for (k, v) in o {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    body
+}
+
+/// Asserts a problem answer and returns its body.
+pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(res.status().as_u16(), status, "status for {code}");
+    let ct = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        ct.starts_with("application/problem+json"),
+        "content type {ct}"
+    );
+    let body: Value = res.json().await.unwrap_or_default();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status, "{body}");
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
+    body
+}

@@ -1,0 +1,10 @@
+//! Integration tests against the real PostgreSQL, Redis and RabbitMQ.
+//! One binary with modules: one link instead of one per file.
+
+mod helpers;
+
+mod admin_sales;
+mod config;
+mod http_conventions;
+mod startup;
+mod users;
