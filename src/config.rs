@@ -25,6 +25,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub rabbitmq: RabbitSettings,
+    pub stock: StockSettings,
+    pub orders: OrderSettings,
     pub auth: AuthSettings,
     pub sales: SalesSettings,
     pub telemetry: TelemetrySettings,
@@ -69,6 +71,31 @@ pub struct RabbitSettings {
     pub queue: String,
     pub dead_letter_queue: String,
     pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StockSettings {
+    pub mailbox_capacity: usize,
+    pub snapshot_interval_ms: u64,
+    pub retry_after_secs: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderSettings {
+    pub batch_max_orders: usize,
+    pub batch_max_delay_us: u64,
+    pub max_unconfirmed_batches: usize,
+    pub publish_queue_capacity: usize,
+    pub confirm_timeout_ms: u64,
+    pub writers: usize,
+    pub writer_prefetch: u16,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub recovery_drain_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +207,18 @@ impl Settings {
         }
         if self.redis.key_prefix.is_empty() {
             return fail("redis.key_prefix must not be empty");
+        }
+        let o = &self.orders;
+        if o.batch_max_orders == 0
+            || o.max_unconfirmed_batches == 0
+            || o.publish_queue_capacity == 0
+            || o.writers == 0
+            || o.writer_prefetch == 0
+        {
+            return fail("orders.batch_max_orders, max_unconfirmed_batches, publish_queue_capacity, writers and writer_prefetch must be at least 1");
+        }
+        if self.stock.mailbox_capacity == 0 {
+            return fail("stock.mailbox_capacity must be at least 1");
         }
         if self.server.max_body_bytes < 64 {
             return fail("server.max_body_bytes must be at least 64");

@@ -14,6 +14,7 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the data flow.
 
+pub mod actors;
 pub mod auth;
 pub mod config;
 pub mod domain;

@@ -5,22 +5,34 @@
 //! tests use). [`Application::run_until_stopped`] serves until SIGINT,
 //! SIGTERM or [`ShutdownHandle::stop`], then runs the shutdown script.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
-use std::sync::atomic::Ordering;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix::{Actor, Addr};
 use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
+use secrecy::ExposeSecret;
 use tokio::sync::Notify;
 
+use crate::actors::order_writer::{
+    drain_queue, wait_drained, OrderWriter, StopWriter, WriterConfig, WriterStats,
+};
+use crate::actors::registry::SaleRegistry;
+use crate::actors::stock::{StockActor, StockDeps};
 use crate::auth::{AdminToken, Passwords, TokenKeys};
-use crate::config::Settings;
+use crate::config::{RabbitSettings, Settings};
+use crate::domain::order::Order;
+use crate::domain::sale_book::SaleBook;
 use crate::http::json::BodyLimit;
 use crate::http::{self, AppState};
 use crate::persistence::postgres::Database;
+use crate::persistence::publisher::{OrderPublisher, PublisherDeps};
 use crate::persistence::redis::RedisStore;
-use crate::persistence::{rabbit, Unreachable};
+use crate::persistence::{rabbit, redact_url, Unreachable};
 
 /// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
@@ -51,41 +63,89 @@ pub struct Application {
     server: Server,
     state: web::Data<AppState>,
     shutdown: ShutdownHandle,
+    pipeline: Pipeline,
+}
+
+/// The order pipeline's moving parts, kept for the shutdown script.
+struct Pipeline {
+    publisher: OrderPublisher,
+    publisher_task: tokio::task::JoinHandle<()>,
+    writers: Vec<Addr<OrderWriter>>,
+    writer_stats: Arc<WriterStats>,
+    rabbit: RabbitSettings,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let db = Database::connect(&settings.database).await?;
         let redis = RedisStore::connect(&settings.redis).await?;
-        let rabbit = rabbit::connect(&settings.rabbitmq, "flashsale").await?;
-        let unreachable_rabbit = |e: lapin::Error| {
-            Unreachable::new(
-                "RabbitMQ",
-                crate::persistence::redact_url(secrecy::ExposeSecret::expose_secret(
-                    &settings.rabbitmq.url,
-                )),
-                "rabbitmq.url",
-                e,
-            )
+        check_broker(&settings.rabbitmq).await?;
+
+        // Recovery, step 1: whatever the order log still holds goes into
+        // PostgreSQL before any book is built from it.
+        let writer_stats = Arc::new(WriterStats::default());
+        let writer_config = WriterConfig {
+            rabbit: settings.rabbitmq.clone(),
+            orders: settings.orders.clone(),
+            database: tokio_postgres::Config::from_str(settings.database.url.expose_secret())
+                .map_err(|e| StartupError::Config(format!("database.url: {e}")))?,
         };
-        let channel = rabbit.create_channel().await.map_err(unreachable_rabbit)?;
-        rabbit::declare_topology(&channel, &settings.rabbitmq)
-            .await
-            .map_err(unreachable_rabbit)?;
+        let drain_timeout = Duration::from_secs(settings.orders.recovery_drain_timeout_secs);
+        match drain_queue(&writer_config, &writer_stats, drain_timeout).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(messages = n, "recovery: order log drained into PostgreSQL"),
+            Err(e) => tracing::warn!(error = %e, "recovery: order log not fully drained"),
+        }
+
+        let (publisher, publisher_task) = OrderPublisher::start(PublisherDeps {
+            rabbit: settings.rabbitmq.clone(),
+            orders: settings.orders.clone(),
+            db: db.clone(),
+            writers: writer_stats.clone(),
+        });
+        let registry = Arc::new(SaleRegistry::default());
+        let stock = StockDeps {
+            registry: registry.clone(),
+            publisher: publisher.clone(),
+            db: db.clone(),
+            redis: redis.clone(),
+            mailbox_capacity: settings.stock.mailbox_capacity,
+            snapshot_interval: Duration::from_millis(settings.stock.snapshot_interval_ms.max(1)),
+            arbiter: actix::Arbiter::current(),
+        };
+
+        // Recovery, step 2: every sale's book from PostgreSQL.
+        let recovered = recover_sales(&db, &stock).await?;
+        tracing::info!(sales = recovered, "recovery: stock actors started");
+
+        let writers = (0..settings.orders.writers)
+            .map(|i| OrderWriter::new(i, writer_config.clone(), writer_stats.clone()).start())
+            .collect();
 
         let passwords = Passwords::new(&settings.auth)
             .map_err(|e| StartupError::Config(format!("auth.argon2_*: {e}")))?;
         let state = web::Data::new(AppState {
             db,
             redis,
-            rabbit,
+            registry,
+            stock,
+            publisher: publisher.clone(),
+            writers: writer_stats.clone(),
             tokens: TokenKeys::new(&settings.auth),
             passwords,
             admin_token: AdminToken::new(settings.auth.admin_token.clone()),
             sales_defaults: settings.sales.clone(),
-            recovered: Default::default(),
+            recovered: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            retry_after_secs: settings.stock.retry_after_secs,
+            confirm_timeout: Duration::from_millis(settings.orders.confirm_timeout_ms.max(1)),
         });
-        // Nothing to recover before the order pipeline exists.
+        // Recovery, step 3: open for business once the publisher is connected.
+        wait_for_publisher(
+            &publisher,
+            Duration::from_millis(settings.rabbitmq.connect_timeout_ms * 2),
+        )
+        .await;
         state.recovered.store(true, Ordering::Release);
 
         let server_settings = &settings.server;
@@ -133,6 +193,13 @@ impl Application {
             server,
             state,
             shutdown: ShutdownHandle::default(),
+            pipeline: Pipeline {
+                publisher,
+                publisher_task,
+                writers,
+                writer_stats,
+                rabbit: settings.rabbitmq.clone(),
+            },
         })
     }
 
@@ -145,13 +212,13 @@ impl Application {
         self.shutdown.clone()
     }
 
-    /// Serves until a signal or the shutdown handle, then shuts down in order:
-    /// stop accepting and finish in-flight requests, then close the services.
+    /// Serves until a signal or the shutdown handle, then shuts down in order.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let Application {
             server,
             state,
             shutdown,
+            pipeline,
             ..
         } = self;
         let handle = server.handle();
@@ -164,15 +231,92 @@ impl Application {
                 tracing::info!(reason, "shutting down");
             }
         }
-        // 1. Stop accepting connections; let in-flight requests finish.
+        // 1. Stop admitting purchases (they get 503 with Retry-After).
+        state.stopping.store(true, Ordering::Release);
+        // 2. Stop accepting connections; in-flight requests, including
+        //    purchases waiting for their confirm, finish.
         handle.stop(true).await;
         let _ = serving.await;
-        // 2. Close the broker connection cleanly.
-        if let Err(e) = state.rabbit.close(200, "shutdown".into()).await {
-            tracing::warn!(error = %e, "closing the RabbitMQ connection failed");
+        // 3. Publish what is queued and wait for every confirm.
+        pipeline.publisher.shutdown();
+        let _ = pipeline.publisher_task.await;
+        // 4. Let the writers drain the queue into PostgreSQL and ack.
+        let drained = match rabbit::connect(&pipeline.rabbit, "flashsale-shutdown").await {
+            Ok(conn) => {
+                let ok = match conn.create_channel().await {
+                    Ok(ch) => {
+                        wait_drained(
+                            &ch,
+                            &pipeline.rabbit.queue,
+                            &pipeline.writer_stats,
+                            Duration::from_secs(10),
+                        )
+                        .await
+                    }
+                    Err(_) => false,
+                };
+                let _ = conn.close(200, "shutdown".into()).await;
+                ok
+            }
+            Err(_) => false,
+        };
+        if !drained {
+            tracing::warn!("order queue not drained at shutdown; the next start drains it");
+        }
+        // 5. Stop the writers and close their connections.
+        for w in &pipeline.writers {
+            let _ = w.send(StopWriter).await;
         }
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Fails start-up clearly when the broker cannot be reached, and declares
+/// the topology so the drain below has a queue to read.
+async fn check_broker(settings: &RabbitSettings) -> Result<(), StartupError> {
+    let conn = rabbit::connect(settings, "flashsale-startup").await?;
+    let unreachable = |e: lapin::Error| {
+        Unreachable::new(
+            "RabbitMQ",
+            redact_url(settings.url.expose_secret()),
+            "rabbitmq.url",
+            e,
+        )
+    };
+    let channel = conn.create_channel().await.map_err(unreachable)?;
+    rabbit::declare_topology(&channel, settings)
+        .await
+        .map_err(unreachable)?;
+    let _ = conn.close(200, "checked".into()).await;
+    Ok(())
+}
+
+/// Builds every sale's book from PostgreSQL and starts its stock actor.
+async fn recover_sales(db: &Database, stock: &StockDeps) -> Result<usize, StartupError> {
+    let store = |e: crate::persistence::postgres::StoreError| {
+        StartupError::Config(format!("recovery could not read PostgreSQL: {e}"))
+    };
+    let sales = db.list_sales().await.map_err(store)?;
+    let mut orders: HashMap<uuid::Uuid, Vec<Order>> = HashMap::new();
+    for o in db.orders_for_recovery().await.map_err(store)? {
+        orders.entry(o.sale_id).or_default().push(o);
+    }
+    let count = sales.len();
+    for sale in sales {
+        let its = orders.remove(&sale.id).unwrap_or_default();
+        StockActor::launch(SaleBook::restore(sale, its), stock);
+    }
+    Ok(count)
+}
+
+async fn wait_for_publisher(publisher: &OrderPublisher, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !publisher.is_up() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if !publisher.is_up() {
+        tracing::warn!("order publisher not connected yet; purchases answer 503 until it is");
     }
 }
 

@@ -6,7 +6,9 @@
 
 use std::borrow::Cow;
 
+pub mod order;
 pub mod sale;
+pub mod sale_book;
 pub mod user;
 
 /// A rule on a request's field was broken. `field` names it so the answer can.

@@ -10,6 +10,7 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::domain::sale_book::Rejection;
 use crate::domain::ValidationError;
 use crate::persistence::postgres::StoreError;
 
@@ -54,6 +55,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{0}")]
     InvalidTransition(String),
+    #[error("{}", rejection_detail(.0))]
+    Rejected(Rejection),
+    #[error("too many requests are waiting; retry shortly")]
+    Overloaded { retry_after_secs: u32 },
     #[error("the service is unavailable: {reason}")]
     Unavailable {
         reason: &'static str,
@@ -83,6 +88,14 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::InvalidTransition(_) => "invalid_transition",
+            ApiError::Rejected(r) => match r {
+                Rejection::NotStarted => "not_started",
+                Rejection::Ended => "ended",
+                Rejection::Paused => "paused",
+                Rejection::SoldOut { .. } => "sold_out",
+                Rejection::LimitReached { .. } => "limit_reached",
+            },
+            ApiError::Overloaded { .. } => "overloaded",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -102,6 +115,14 @@ impl ApiError {
             ApiError::NotFound => "Not found",
             ApiError::MethodNotAllowed => "Method not allowed",
             ApiError::InvalidTransition(_) => "Invalid transition",
+            ApiError::Rejected(r) => match r {
+                Rejection::NotStarted => "Sale not started",
+                Rejection::Ended => "Sale ended",
+                Rejection::Paused => "Sale paused",
+                Rejection::SoldOut { .. } => "Sold out",
+                Rejection::LimitReached { .. } => "Limit reached",
+            },
+            ApiError::Overloaded { .. } => "Overloaded",
             ApiError::Unavailable { .. } => "Service unavailable",
             ApiError::Internal(_) => "Internal error",
         }
@@ -111,8 +132,22 @@ impl ApiError {
         match self {
             ApiError::Unavailable {
                 retry_after_secs, ..
-            } => Some(*retry_after_secs),
+            }
+            | ApiError::Overloaded { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
+        }
+    }
+}
+
+fn rejection_detail(r: &Rejection) -> String {
+    match r {
+        Rejection::NotStarted => "the sale has not started yet".to_owned(),
+        Rejection::Ended => "the sale has ended".to_owned(),
+        Rejection::Paused => "the sale is paused".to_owned(),
+        Rejection::SoldOut { left: 0 } => "the sale is sold out".to_owned(),
+        Rejection::SoldOut { left } => format!("only {left} units are left"),
+        Rejection::LimitReached { held, limit } => {
+            format!("you hold {held} of the {limit} units one buyer may have")
         }
     }
 }
@@ -165,7 +200,10 @@ impl ResponseError for ApiError {
                 StatusCode::NOT_FOUND
             }
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Rejected(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable { .. } | ApiError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -9,10 +9,13 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod openapi;
+pub mod purchases;
 pub mod sales;
 pub mod users;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
@@ -20,35 +23,65 @@ use actix_web::{web, HttpMessage, HttpResponse};
 use tracing::Instrument;
 
 use self::error::ApiError;
+use crate::actors::order_writer::WriterStats;
+use crate::actors::registry::SaleRegistry;
+use crate::actors::stock::StockDeps;
 use crate::auth::{AdminToken, Passwords, TokenKeys};
 use crate::config::SalesSettings;
 use crate::persistence::postgres::Database;
+use crate::persistence::publisher::OrderPublisher;
 use crate::persistence::redis::RedisStore;
 
 /// What every handler may reach. Built once by `Application::build`.
 pub struct AppState {
     pub db: Database,
     pub redis: RedisStore,
-    pub rabbit: lapin::Connection,
+    pub registry: Arc<SaleRegistry>,
+    /// What a new stock actor needs (admin create starts one).
+    pub stock: StockDeps,
+    pub publisher: OrderPublisher,
+    pub writers: Arc<WriterStats>,
     pub tokens: TokenKeys,
     pub passwords: Passwords,
     pub admin_token: AdminToken,
     pub sales_defaults: SalesSettings,
     /// Set once start-up recovery has finished; `/readyz` waits for it.
     pub recovered: AtomicBool,
+    /// Set when shutdown begins: purchases are refused from then on.
+    pub stopping: AtomicBool,
+    pub retry_after_secs: u32,
+    /// How long a purchase waits for the order log to confirm its order.
+    pub confirm_timeout: Duration,
 }
 
 impl AppState {
+    /// Purchases are taken only when recovered, not stopping, and the order
+    /// log is connected: nothing is acknowledged that cannot be made durable.
+    pub fn accepting_purchases(&self) -> bool {
+        self.recovered.load(Ordering::Acquire)
+            && !self.stopping.load(Ordering::Acquire)
+            && self.publisher.is_up()
+    }
+
     pub fn pipeline_health(&self) -> Result<(), String> {
-        if self.rabbit.status().connected() {
-            Ok(())
-        } else {
-            Err("connection to RabbitMQ is down".to_owned())
+        if !self.publisher.is_up() {
+            let why = self
+                .publisher
+                .stats()
+                .last_error()
+                .unwrap_or_else(|| "not connected".into());
+            return Err(format!("order publisher cannot reach RabbitMQ: {why}"));
         }
+        if self.writers.connected.load(Ordering::Relaxed) == 0 {
+            return Err("no order writer is connected to RabbitMQ".to_owned());
+        }
+        Ok(())
     }
 
     pub fn recovery_status(&self) -> String {
-        if self.recovered.load(Ordering::Acquire) {
+        if self.stopping.load(Ordering::Acquire) {
+            "shutting down".to_owned()
+        } else if self.recovered.load(Ordering::Acquire) {
             "ok".to_owned()
         } else {
             "recovery in progress".to_owned()
@@ -128,7 +161,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(resource("/users").route(web::post().to(users::register)))
                 .service(resource("/sessions").route(web::post().to(users::login)))
                 .service(resource("/sales").route(web::get().to(sales::list_public)))
-                .service(resource("/sales/{id}").route(web::get().to(sales::get_public))),
+                .service(resource("/sales/{id}").route(web::get().to(sales::get_public)))
+                .service(
+                    resource("/sales/{id}/purchases").route(web::post().to(purchases::purchase)),
+                )
+                .service(resource("/orders").route(web::get().to(purchases::list_orders)))
+                .service(resource("/orders/{id}").route(web::get().to(purchases::get_order))),
         )
         .service(
             web::scope("/admin/v1")

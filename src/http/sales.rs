@@ -10,8 +10,10 @@ use super::auth::Admin;
 use super::error::{ApiError, Problem};
 use super::json::ApiJson;
 use super::AppState;
+use crate::actors::registry::SaleHandle;
+use crate::actors::stock::{ChangeError, ChangeSale, SaleChange, StockActor};
 use crate::domain::sale::{PatchError, Sale, SalePatch, SaleSpec, SaleStatus};
-use crate::persistence::postgres::SaleCounters;
+use crate::domain::sale_book::{BookCounters, SaleBook};
 
 /// A sale as shoppers see it.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -73,13 +75,14 @@ pub struct CountersView {
     pub cancelled: i64,
 }
 
-impl From<SaleCounters> for CountersView {
-    fn from(c: SaleCounters) -> Self {
+impl From<BookCounters> for CountersView {
+    fn from(c: BookCounters) -> Self {
+        let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         CountersView {
-            reserved: c.reserved,
-            paid: c.paid,
-            expired: c.expired,
-            cancelled: c.cancelled,
+            reserved: i(c.reserved),
+            paid: i(c.paid),
+            expired: i(c.expired),
+            cancelled: i(c.cancelled),
         }
     }
 }
@@ -158,37 +161,74 @@ impl From<PatchError> for ApiError {
     }
 }
 
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::Patch(p) => p.into(),
+            ChangeError::Store(s) => s.into(),
+        }
+    }
+}
+
 /// Path ids that are not UUIDs name no sale.
 pub(crate) fn sale_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::SaleNotFound)
 }
 
-async fn load_sale(state: &AppState, id: Uuid) -> Result<Sale, ApiError> {
-    state.db.get_sale(id).await?.ok_or(ApiError::SaleNotFound)
+fn handle(state: &AppState, id: Uuid) -> Result<SaleHandle, ApiError> {
+    state.registry.get(id).ok_or(ApiError::SaleNotFound)
 }
 
-fn admin_view(sale: &Sale, counters: SaleCounters, now: DateTime<Utc>) -> AdminSaleView {
+fn public_view(h: &SaleHandle, now: DateTime<Utc>) -> SaleView {
+    SaleView::new(&h.shared.sale(), i64::from(h.shared.stock_left()), now)
+}
+
+fn admin_view(h: &SaleHandle, now: DateTime<Utc>) -> AdminSaleView {
+    let sale = h.shared.sale();
     AdminSaleView {
-        sale: SaleView::new(sale, sale.spec.stock_total - counters.held(), now),
-        counters: counters.into(),
+        sale: SaleView::new(&sale, i64::from(h.shared.stock_left()), now),
+        counters: h.shared.counters().into(),
         paused: sale.paused,
         created_at: sale.created_at,
         updated_at: sale.updated_at,
     }
 }
 
+/// Newest start first, then by id, so lists are stable.
+fn sorted_sales(state: &AppState) -> Vec<SaleHandle> {
+    let mut all = state.registry.all();
+    all.sort_by_cached_key(|h| {
+        let s = h.shared.sale();
+        (std::cmp::Reverse(s.spec.starts_at), s.id)
+    });
+    all
+}
+
+async fn change(
+    state: &AppState,
+    raw_id: &str,
+    change: SaleChange,
+) -> Result<HttpResponse, ApiError> {
+    let h = handle(state, sale_id(raw_id)?)?;
+    let sale = h
+        .addr
+        .send(ChangeSale(change))
+        .await
+        .map_err(|_| ApiError::Unavailable {
+            reason: "the sale is not running",
+            retry_after_secs: state.retry_after_secs,
+        })??;
+    tracing::info!(sale_id = %sale.id, paused = sale.paused, "sale changed");
+    Ok(HttpResponse::Ok().json(admin_view(&h, Utc::now())))
+}
+
 #[utoipa::path(get, path = "/api/v1/sales", tag = "shoppers",
     responses((status = 200, body = SaleList)))]
 pub async fn list_public(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let sales = state.db.list_sales().await?;
-    let counters = state.db.all_sale_counters().await?;
     let now = Utc::now();
-    let sales = sales
+    let sales = sorted_sales(&state)
         .iter()
-        .map(|s| {
-            let held = counters.get(&s.id).map_or(0, SaleCounters::held);
-            SaleView::new(s, s.spec.stock_total - held, now)
-        })
+        .map(|h| public_view(h, now))
         .collect();
     Ok(HttpResponse::Ok().json(SaleList {
         server_time: now,
@@ -204,12 +244,10 @@ pub async fn get_public(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = sale_id(&path)?;
-    let sale = load_sale(&state, id).await?;
-    let counters = state.db.sale_counters(id).await?;
+    let h = handle(&state, sale_id(&path)?)?;
     let now = Utc::now();
     Ok(HttpResponse::Ok().json(SaleWithTime {
-        sale: SaleView::new(&sale, sale.spec.stock_total - counters.held(), now),
+        sale: public_view(&h, now),
         server_time: now,
     }))
 }
@@ -254,19 +292,18 @@ pub async fn create(
     };
     state.db.insert_sale(&sale).await?;
     tracing::info!(sale_id = %sale.id, name = %sale.spec.name, "sale created");
-    Ok(HttpResponse::Created().json(admin_view(&sale, SaleCounters::default(), now)))
+    let h = StockActor::launch(SaleBook::new(sale), &state.stock);
+    Ok(HttpResponse::Created().json(admin_view(&h, now)))
 }
 
 #[utoipa::path(get, path = "/admin/v1/sales", tag = "admins", security(("admin_token" = [])),
     responses((status = 200, body = AdminSaleList),
         (status = 401, description = "unauthenticated", body = Problem)))]
 pub async fn list_admin(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let sales = state.db.list_sales().await?;
-    let counters = state.db.all_sale_counters().await?;
     let now = Utc::now();
-    let sales = sales
+    let sales = sorted_sales(&state)
         .iter()
-        .map(|s| admin_view(s, counters.get(&s.id).copied().unwrap_or_default(), now))
+        .map(|h| admin_view(h, now))
         .collect();
     Ok(HttpResponse::Ok().json(AdminSaleList { sales }))
 }
@@ -281,10 +318,8 @@ pub async fn get_admin(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = sale_id(&path)?;
-    let sale = load_sale(&state, id).await?;
-    let counters = state.db.sale_counters(id).await?;
-    Ok(HttpResponse::Ok().json(admin_view(&sale, counters, Utc::now())))
+    let h = handle(&state, sale_id(&path)?)?;
+    Ok(HttpResponse::Ok().json(admin_view(&h, Utc::now())))
 }
 
 #[utoipa::path(patch, path = "/admin/v1/sales/{id}", tag = "admins", request_body = PatchSale,
@@ -301,35 +336,7 @@ pub async fn patch(
     path: web::Path<String>,
     body: ApiJson<PatchSale>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = sale_id(&path)?;
-    let mut sale = load_sale(&state, id).await?;
-    let counters = state.db.sale_counters(id).await?;
-    let now = Utc::now();
-    sale.spec = sale.patched(&body.0.into(), now, counters.held())?;
-    sale.updated_at = now;
-    state.db.update_sale(&sale).await?;
-    tracing::info!(sale_id = %id, "sale updated");
-    Ok(HttpResponse::Ok().json(admin_view(&sale, counters, now)))
-}
-
-async fn set_paused(
-    state: &AppState,
-    raw_id: &str,
-    paused: bool,
-) -> Result<HttpResponse, ApiError> {
-    let id = sale_id(raw_id)?;
-    let mut sale = load_sale(state, id).await?;
-    let now = Utc::now();
-    sale.ensure_not_ended(now)
-        .map_err(|e| ApiError::InvalidTransition(e.to_string()))?;
-    if sale.paused != paused {
-        sale.paused = paused;
-        sale.updated_at = now;
-        state.db.update_sale(&sale).await?;
-        tracing::info!(sale_id = %id, paused, "sale pause state changed");
-    }
-    let counters = state.db.sale_counters(id).await?;
-    Ok(HttpResponse::Ok().json(admin_view(&sale, counters, now)))
+    change(&state, &path, SaleChange::Patch(body.0.into())).await
 }
 
 #[utoipa::path(post, path = "/admin/v1/sales/{id}/pause", tag = "admins",
@@ -344,7 +351,7 @@ pub async fn pause(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    set_paused(&state, &path, true).await
+    change(&state, &path, SaleChange::Pause(true)).await
 }
 
 #[utoipa::path(post, path = "/admin/v1/sales/{id}/resume", tag = "admins",
@@ -359,5 +366,5 @@ pub async fn resume(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    set_paused(&state, &path, false).await
+    change(&state, &path, SaleChange::Pause(false)).await
 }

@@ -3,7 +3,9 @@
 //! Each service gets one module that owns its connection set-up, its error
 //! type and its queries, so the rest of the code never sees a driver type.
 
+pub mod order_log;
 pub mod postgres;
+pub mod publisher;
 pub mod rabbit;
 pub mod redis;
 

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::Unreachable;
 use crate::config::DatabaseSettings;
+use crate::domain::order::{Order, OrderStatus};
 use crate::domain::sale::{Sale, SaleSpec};
 
 mod embedded {
@@ -267,6 +268,87 @@ impl Database {
             .map(|(id, pairs)| (id, counters_from_rows(pairs.into_iter())))
             .collect())
     }
+}
+
+impl Database {
+    /// Every order of every sale, except void ones, for rebuilding the stock
+    /// actors' books at start-up.
+    pub async fn orders_for_recovery(&self) -> Result<Vec<Order>, StoreError> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(&format!("{ORDER_COLUMNS} WHERE status <> 'void'"), &[])
+            .await?;
+        Ok(rows.iter().filter_map(order_from_row).collect())
+    }
+
+    /// One order, whoever owns it (callers check ownership).
+    pub async fn order(&self, id: Uuid) -> Result<Option<Order>, StoreError> {
+        let conn = self.pool.get().await?;
+        let row = conn
+            .query_opt(
+                &format!("{ORDER_COLUMNS} WHERE id = $1 AND status <> 'void'"),
+                &[&id],
+            )
+            .await?;
+        Ok(row.as_ref().and_then(order_from_row))
+    }
+
+    /// A user's orders, newest first, at most `limit`.
+    pub async fn user_orders(&self, user_id: Uuid, limit: i64) -> Result<Vec<Order>, StoreError> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "{ORDER_COLUMNS} WHERE user_id = $1 AND status <> 'void' \
+                     ORDER BY created_at DESC LIMIT $2"
+                ),
+                &[&user_id, &limit],
+            )
+            .await?;
+        Ok(rows.iter().filter_map(order_from_row).collect())
+    }
+
+    /// Decides an order whose publish was never confirmed: if PostgreSQL has
+    /// it, it stands (returns false); otherwise a `void` row takes its id,
+    /// so that a late copy of the reservation can never be inserted
+    /// (returns true: release its units).
+    pub async fn void_if_absent(&self, order: &Order) -> Result<bool, StoreError> {
+        let conn = self.pool.get().await?;
+        let qty = i32::try_from(order.quantity).unwrap_or(i32::MAX);
+        let inserted = conn
+            .execute(
+                "INSERT INTO orders (id, sale_id, user_id, quantity, status, created_at, expires_at, closed_at) \
+                 VALUES ($1, $2, $3, $4, 'void', $5, $6, now()) ON CONFLICT (id) DO NOTHING",
+                &[
+                    &order.id,
+                    &order.sale_id,
+                    &order.user_id,
+                    &qty,
+                    &order.created_at,
+                    &order.expires_at,
+                ],
+            )
+            .await?;
+        Ok(inserted == 1)
+    }
+}
+
+const ORDER_COLUMNS: &str =
+    "SELECT id, sale_id, user_id, quantity, status, created_at, expires_at, \
+     paid_at, idempotency_key FROM orders";
+
+fn order_from_row(row: &Row) -> Option<Order> {
+    Some(Order {
+        id: row.get(0),
+        sale_id: row.get(1),
+        user_id: row.get(2),
+        quantity: u32::try_from(row.get::<_, i32>(3)).ok()?,
+        status: OrderStatus::parse(row.get(4))?,
+        created_at: row.get(5),
+        expires_at: row.get(6),
+        paid_at: row.get(7),
+        idempotency_key: row.get(8),
+    })
 }
 
 const SALE_COLUMNS: &str = "SELECT id, name, description, price_cents, currency, stock_total, \

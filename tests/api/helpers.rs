@@ -310,3 +310,113 @@ pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> 
     );
     body
 }
+
+/// Mints a token for a fresh user id with the app's own secret, the way a
+/// load test makes many shoppers without registering each.
+pub fn mint_shopper(settings: &Settings) -> (Uuid, String) {
+    let id = Uuid::new_v4();
+    let (token, _) = flashsale::auth::TokenKeys::new(&settings.auth)
+        .issue(id)
+        .unwrap_or_else(|e| panic!("{e}"));
+    (id, token)
+}
+
+/// A direct connection to the test's database, for checking what is stored.
+pub async fn db_client(settings: &Settings) -> tokio_postgres::Client {
+    let (client, conn) =
+        tokio_postgres::connect(settings.database.url.expose_secret(), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("test database: {e}"));
+    actix_web::rt::spawn(conn);
+    client
+}
+
+/// Order ids in PostgreSQL for a sale, with status reserved or paid.
+pub async fn held_order_ids(
+    client: &tokio_postgres::Client,
+    sale_id: Uuid,
+) -> std::collections::HashSet<Uuid> {
+    client
+        .query(
+            "SELECT id FROM orders WHERE sale_id = $1 AND status IN ('reserved', 'paid')",
+            &[&sale_id],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Waits (bounded) until PostgreSQL holds at least `n` reserved or paid
+/// orders for the sale, and returns what it holds then.
+pub async fn wait_for_orders(
+    client: &tokio_postgres::Client,
+    sale_id: Uuid,
+    n: usize,
+) -> std::collections::HashSet<Uuid> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ids = held_order_ids(client, sale_id).await;
+        if ids.len() >= n || std::time::Instant::now() > deadline {
+            return ids;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The invariants over what PostgreSQL holds for a sale: units held by
+/// reserved and paid orders never exceed the stock, no user holds more than
+/// the limit. Returns the units held.
+pub async fn assert_sale_invariants(client: &tokio_postgres::Client, sale_id: Uuid) -> i64 {
+    let row = client
+        .query_one(
+            "SELECT s.stock_total, s.per_user_limit, \
+               COALESCE((SELECT SUM(quantity) FROM orders o WHERE o.sale_id = s.id AND o.status IN ('reserved','paid')), 0)::BIGINT, \
+               COALESCE((SELECT MAX(u) FROM (SELECT SUM(quantity) AS u FROM orders o WHERE o.sale_id = s.id AND o.status IN ('reserved','paid') GROUP BY user_id) x), 0)::BIGINT \
+             FROM sales s WHERE s.id = $1",
+            &[&sale_id],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (stock, limit, held, max_user): (i32, i32, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert!(
+        held <= i64::from(stock),
+        "oversold: {held} units held of {stock}"
+    );
+    assert!(
+        max_user <= i64::from(limit),
+        "a user holds {max_user} > limit {limit}"
+    );
+    held
+}
+
+pub fn uuid_of(v: &Value) -> Uuid {
+    Uuid::parse_str(v.as_str().unwrap_or_default()).unwrap_or_else(|e| panic!("{v}: {e}"))
+}
+
+impl TestApp {
+    /// POST a purchase; returns the status and the body.
+    pub async fn purchase(
+        &self,
+        sale_id: &str,
+        token: &str,
+        body: Option<Value>,
+        key: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .client
+            .post(self.url(&format!("/api/v1/sales/{sale_id}/purchases")))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let res = req.send().await.unwrap_or_else(|e| panic!("purchase: {e}"));
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or_default())
+    }
+}

@@ -6,5 +6,6 @@ mod helpers;
 mod admin_sales;
 mod config;
 mod http_conventions;
+mod purchases;
 mod startup;
 mod users;

@@ -1,0 +1,228 @@
+//! `SaleRegistry`: sale id → stock actor, plus what handlers may read
+//! without asking the actor.
+//!
+//! Each sale's [`SaleShared`] is written only by its stock actor and read by
+//! any HTTP worker: the sale definition, stock left and counters as atomics.
+//! The common "no" answers (not started, ended, paused, sold out) are decided
+//! from these hints, so a crowd hammering a sold-out sale never reaches the
+//! actor's mailbox. The actor stays the authority: a hint can only be stale
+//! towards "ask the actor", never towards a wrong "yes".
+//!
+//! [`OrderDirectory`] holds the orders this process has made durable, so an
+//! order is visible to its owner the moment its 201 is sent, before the
+//! order writers have put it in PostgreSQL.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use actix::Addr;
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+use uuid::Uuid;
+
+use super::stock::StockActor;
+use crate::domain::order::Order;
+use crate::domain::sale::Sale;
+use crate::domain::sale_book::{BookCounters, Rejection, SaleBook};
+
+/// A sale's live state as its stock actor last published it.
+#[derive(Debug)]
+pub struct SaleShared {
+    sale: RwLock<Arc<Sale>>,
+    starts_at_ms: AtomicI64,
+    ends_at_ms: AtomicI64,
+    paused: AtomicBool,
+    stock_left: AtomicU32,
+    reserved: AtomicU64,
+    paid: AtomicU64,
+    expired: AtomicU64,
+    cancelled: AtomicU64,
+    pub version: AtomicU64,
+    /// Purchases sent to the actor and not yet handled. actix's own mailbox
+    /// bound does not hold for `try_send` from fresh senders, so this is the
+    /// bound (`stock.mailbox_capacity`) and the mailbox-depth gauge.
+    mailbox_depth: AtomicUsize,
+    mailbox_capacity: usize,
+    /// Messages the actor has handled (for admin status).
+    pub messages_handled: AtomicU64,
+    /// Redis snapshot bookkeeping.
+    pub snapshot_failures: AtomicU64,
+    pub snapshot_version: AtomicU64,
+    pub snapshot_at_ms: AtomicI64,
+}
+
+impl SaleShared {
+    pub fn new(book: &SaleBook, mailbox_capacity: usize) -> Self {
+        let shared = SaleShared {
+            sale: RwLock::new(Arc::new(book.sale().clone())),
+            starts_at_ms: AtomicI64::new(0),
+            ends_at_ms: AtomicI64::new(0),
+            paused: AtomicBool::new(false),
+            stock_left: AtomicU32::new(0),
+            reserved: AtomicU64::new(0),
+            paid: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            version: AtomicU64::new(0),
+            mailbox_depth: AtomicUsize::new(0),
+            mailbox_capacity,
+            messages_handled: AtomicU64::new(0),
+            snapshot_failures: AtomicU64::new(0),
+            snapshot_version: AtomicU64::new(0),
+            snapshot_at_ms: AtomicI64::new(0),
+        };
+        shared.publish_sale(book.sale());
+        shared.publish_stock(book);
+        shared
+    }
+
+    /// Called by the actor after the sale's definition changed.
+    pub fn publish_sale(&self, sale: &Sale) {
+        self.starts_at_ms
+            .store(sale.spec.starts_at.timestamp_millis(), Ordering::Release);
+        self.ends_at_ms
+            .store(sale.spec.ends_at.timestamp_millis(), Ordering::Release);
+        self.paused.store(sale.paused, Ordering::Release);
+        if let Ok(mut g) = self.sale.write() {
+            *g = Arc::new(sale.clone());
+        }
+    }
+
+    /// Called by the actor after any change to stock or orders.
+    pub fn publish_stock(&self, book: &SaleBook) {
+        let c = book.counters();
+        self.stock_left.store(book.stock_left(), Ordering::Release);
+        self.reserved.store(c.reserved, Ordering::Relaxed);
+        self.paid.store(c.paid, Ordering::Relaxed);
+        self.expired.store(c.expired, Ordering::Relaxed);
+        self.cancelled.store(c.cancelled, Ordering::Relaxed);
+        self.version.store(book.version(), Ordering::Release);
+    }
+
+    pub fn sale(&self) -> Arc<Sale> {
+        match self.sale.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Takes a mailbox slot for a purchase; false when the mailbox is full.
+    pub fn admit(&self) -> bool {
+        let before = self.mailbox_depth.fetch_add(1, Ordering::AcqRel);
+        if before >= self.mailbox_capacity {
+            self.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives a mailbox slot back: the actor took the purchase (or it was never sent).
+    pub fn leave(&self) {
+        self.mailbox_depth.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn mailbox_depth(&self) -> usize {
+        self.mailbox_depth.load(Ordering::Relaxed)
+    }
+
+    pub fn stock_left(&self) -> u32 {
+        self.stock_left.load(Ordering::Acquire)
+    }
+
+    pub fn counters(&self) -> BookCounters {
+        BookCounters {
+            reserved: self.reserved.load(Ordering::Relaxed),
+            paid: self.paid.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A "no" that needs no actor, if the hints already say so. A purchase
+    /// with an idempotency key always goes to the actor: the key may name an
+    /// order the buyer already has, which is answered whatever the sale's
+    /// state is now, and only the actor knows.
+    pub fn quick_rejection(&self, now: DateTime<Utc>, has_key: bool) -> Option<Rejection> {
+        if has_key {
+            return None;
+        }
+        let now_ms = now.timestamp_millis();
+        if now_ms < self.starts_at_ms.load(Ordering::Acquire) {
+            Some(Rejection::NotStarted)
+        } else if now_ms >= self.ends_at_ms.load(Ordering::Acquire) {
+            Some(Rejection::Ended)
+        } else if self.paused.load(Ordering::Acquire) {
+            Some(Rejection::Paused)
+        } else if self.stock_left.load(Ordering::Acquire) == 0 {
+            Some(Rejection::SoldOut { left: 0 })
+        } else {
+            None
+        }
+    }
+}
+
+/// A running sale: its actor and its shared state.
+#[derive(Clone)]
+pub struct SaleHandle {
+    pub addr: Addr<StockActor>,
+    pub shared: Arc<SaleShared>,
+}
+
+/// Durable orders by id and by user, written by stock actors.
+#[derive(Default)]
+pub struct OrderDirectory {
+    by_id: DashMap<Uuid, Order>,
+    by_user: DashMap<Uuid, Vec<Uuid>>,
+}
+
+impl OrderDirectory {
+    pub fn upsert(&self, order: &Order) {
+        if self.by_id.insert(order.id, order.clone()).is_none() {
+            self.by_user
+                .entry(order.user_id)
+                .or_default()
+                .push(order.id);
+        }
+    }
+
+    pub fn get(&self, id: Uuid) -> Option<Order> {
+        self.by_id.get(&id).map(|o| o.clone())
+    }
+
+    pub fn for_user(&self, user_id: Uuid) -> Vec<Order> {
+        let Some(ids) = self.by_user.get(&user_id).map(|v| v.clone()) else {
+            return Vec::new();
+        };
+        ids.iter().filter_map(|id| self.get(*id)).collect()
+    }
+}
+
+/// Every sale this process runs, and the order directory.
+#[derive(Default)]
+pub struct SaleRegistry {
+    sales: DashMap<Uuid, SaleHandle>,
+    pub orders: OrderDirectory,
+}
+
+impl SaleRegistry {
+    pub fn insert(&self, id: Uuid, handle: SaleHandle) {
+        self.sales.insert(id, handle);
+    }
+
+    pub fn get(&self, id: Uuid) -> Option<SaleHandle> {
+        self.sales.get(&id).map(|h| h.clone())
+    }
+
+    /// Every sale, in no particular order.
+    pub fn all(&self) -> Vec<SaleHandle> {
+        self.sales.iter().map(|e| e.value().clone()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sales.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sales.is_empty()
+    }
+}

@@ -1,0 +1,208 @@
+//! Purchases and orders: the hot path.
+//!
+//! A purchase is decided without touching a database: the sale's hints
+//! answer the common "no"s, and the sale's stock actor decides the rest. The
+//! handler then waits for the order log to make the order durable; only then
+//! does it answer 201.
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::auth::Shopper;
+use super::error::{ApiError, Problem};
+use super::json::{parse_json, read_body, BodyLimit};
+use super::sales::sale_id;
+use super::AppState;
+use crate::actors::stock::{PurchaseReply, Reserve};
+use crate::domain::order::Order;
+use crate::domain::ValidationError;
+
+/// The largest quantity one purchase may ask for (limits are per sale).
+pub const MAX_QUANTITY: i64 = 10_000;
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurchaseBody {
+    /// Units to reserve; 1 when left out (an empty body is fine too).
+    #[serde(default)]
+    pub quantity: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OrderList {
+    pub orders: Vec<Order>,
+}
+
+/// The `Idempotency-Key` header: at most 128 printable ASCII characters.
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(value) = req.headers().get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let invalid = || {
+        ApiError::Invalid(ValidationError::new(
+            "Idempotency-Key",
+            "must be 1 to 128 printable ASCII characters",
+        ))
+    };
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > 128 || !bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
+        return Err(invalid());
+    }
+    value
+        .to_str()
+        .map(|s| Some(s.to_owned()))
+        .map_err(|_| invalid())
+}
+
+async fn quantity(req: &HttpRequest, payload: &mut Payload) -> Result<u32, ApiError> {
+    let limit = req.app_data::<BodyLimit>().map_or(16 * 1024, |l| l.0);
+    let body = read_body(req, payload, limit).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(1);
+    }
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let body: PurchaseBody = parse_json(&body)?;
+    let q = body.quantity.unwrap_or(1);
+    if !(1..=MAX_QUANTITY).contains(&q) {
+        return Err(ApiError::Invalid(ValidationError::new(
+            "quantity",
+            format!("must be from 1 to {MAX_QUANTITY}"),
+        )));
+    }
+    Ok(u32::try_from(q).unwrap_or(1))
+}
+
+#[utoipa::path(post, path = "/api/v1/sales/{id}/purchases", tag = "shoppers",
+    request_body(content = PurchaseBody, description = "optional; quantity defaults to 1"),
+    params(("id" = String, Path, description = "sale id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "at most 128 printable ASCII characters; a replay returns the same order")),
+    security(("shopper_token" = [])),
+    responses((status = 201, description = "reserved, durably", body = Order),
+        (status = 200, description = "a replay of the same Idempotency-Key", body = Order),
+        (status = 401, description = "unauthenticated", body = Problem),
+        (status = 404, description = "sale_not_found", body = Problem),
+        (status = 409, description = "sold_out, limit_reached, not_started, ended or paused", body = Problem),
+        (status = 422, description = "invalid_input", body = Problem),
+        (status = 503, description = "overloaded or unavailable; see Retry-After", body = Problem)))]
+pub async fn purchase(
+    shopper: Shopper,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let sale = sale_id(&path)?;
+    let key = idempotency_key(&req)?;
+    let quantity = quantity(&req, &mut payload.into_inner()).await?;
+    let handle = state.registry.get(sale).ok_or(ApiError::SaleNotFound)?;
+    if let Some(r) = handle.shared.quick_rejection(Utc::now(), key.is_some()) {
+        return Err(ApiError::Rejected(r));
+    }
+    let retry_after_secs = state.retry_after_secs;
+    if !state.accepting_purchases() {
+        return Err(ApiError::Unavailable {
+            reason: "the order log is not accepting orders",
+            retry_after_secs,
+        });
+    }
+    let (tx, rx) = oneshot::channel();
+    let msg = Reserve {
+        user_id: shopper.user_id,
+        quantity,
+        idempotency_key: key,
+        reply: tx,
+    };
+    if !handle.shared.admit() {
+        return Err(ApiError::Overloaded { retry_after_secs });
+    }
+    if let Err(e) = handle.addr.try_send(msg) {
+        handle.shared.leave();
+        return Err(match e {
+            actix::prelude::SendError::Full(_) => ApiError::Overloaded { retry_after_secs },
+            actix::prelude::SendError::Closed(_) => ApiError::Unavailable {
+                reason: "the sale is not running",
+                retry_after_secs,
+            },
+        });
+    }
+    let unavailable = ApiError::Unavailable {
+        reason: "the order could not be made durable in time; it may still appear in your orders",
+        retry_after_secs,
+    };
+    let reply = match tokio::time::timeout(state.confirm_timeout, rx).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(_)) | Err(_) => return Err(unavailable),
+    };
+    match reply {
+        PurchaseReply::Created(order) => Ok(HttpResponse::Created()
+            .insert_header((header::LOCATION, format!("/api/v1/orders/{}", order.id)))
+            .json(order)),
+        PurchaseReply::Replayed(order) => Ok(HttpResponse::Ok().json(order)),
+        PurchaseReply::Rejected(r) => Err(ApiError::Rejected(r)),
+        PurchaseReply::Overloaded => Err(ApiError::Overloaded { retry_after_secs }),
+        PurchaseReply::Unavailable => Err(unavailable),
+    }
+}
+
+/// Ids that are not UUIDs name no order.
+fn order_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::OrderNotFound)
+}
+
+#[utoipa::path(get, path = "/api/v1/orders", tag = "shoppers", security(("shopper_token" = [])),
+    responses((status = 200, body = OrderList),
+        (status = 401, description = "unauthenticated", body = Problem)))]
+pub async fn list_orders(
+    shopper: Shopper,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let mut orders = state.db.user_orders(shopper.user_id, 500).await?;
+    // The directory is at least as fresh as PostgreSQL: it wins.
+    for fresh in state.registry.orders.for_user(shopper.user_id) {
+        match orders.iter_mut().find(|o| o.id == fresh.id) {
+            Some(slot) => *slot = fresh,
+            None => orders.push(fresh),
+        }
+    }
+    orders.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+    Ok(HttpResponse::Ok().json(OrderList { orders }))
+}
+
+#[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "shoppers", security(("shopper_token" = [])),
+    params(("id" = String, Path, description = "order id")),
+    responses((status = 200, body = Order),
+        (status = 401, description = "unauthenticated", body = Problem),
+        (status = 404, description = "order_not_found (also for another user's order)", body = Problem)))]
+pub async fn get_order(
+    shopper: Shopper,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = order_id(&path)?;
+    let order = match state.registry.orders.get(id) {
+        Some(o) => Some(o),
+        None => state.db.order(id).await?,
+    };
+    match order {
+        Some(o) if o.user_id == shopper.user_id => Ok(HttpResponse::Ok().json(o)),
+        _ => Err(ApiError::OrderNotFound),
+    }
+}
