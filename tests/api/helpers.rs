@@ -420,3 +420,74 @@ impl TestApp {
         (status, res.json().await.unwrap_or_default())
     }
 }
+
+pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_flashsale");
+
+/// The server binary with `settings` passed as environment variables (the
+/// shipped config.toml underneath), listening on `port`.
+pub fn server_command(settings: &Settings, port: u16) -> std::process::Command {
+    let mut cmd = std::process::Command::new(SERVER_BIN);
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("FLASHSALE__SERVER__PORT", port.to_string())
+        .env("FLASHSALE__SERVER__WORKERS", "2")
+        .env(
+            "FLASHSALE__DATABASE__URL",
+            settings.database.url.expose_secret(),
+        )
+        .env("FLASHSALE__REDIS__KEY_PREFIX", &settings.redis.key_prefix)
+        .env(
+            "FLASHSALE__RABBITMQ__URL",
+            settings.rabbitmq.url.expose_secret(),
+        )
+        .env("FLASHSALE__RABBITMQ__QUEUE", &settings.rabbitmq.queue)
+        .env(
+            "FLASHSALE__RABBITMQ__DEAD_LETTER_QUEUE",
+            &settings.rabbitmq.dead_letter_queue,
+        )
+        .env("FLASHSALE__AUTH__ADMIN_TOKEN", ADMIN_TOKEN)
+        .env(
+            "FLASHSALE__AUTH__JWT_SECRET",
+            settings.auth.jwt_secret.expose_secret(),
+        )
+        .env("FLASHSALE__TELEMETRY__LOG_FILTER", "warn")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+/// A port that was free a moment ago (for a server started as a process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Polls `/readyz` until it answers 200 (bounded).
+pub async fn wait_ready(client: &reqwest::Client, base: &str, within: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Ok(res) = client.get(format!("{base}/readyz")).send().await {
+            if res.status() == 200 {
+                return true;
+            }
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Messages waiting in a queue of the test's broker.
+pub async fn queue_depth(settings: &Settings, queue: &str) -> u32 {
+    let conn = flashsale::persistence::rabbit::connect(&settings.rabbitmq, "test-depth")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ch = conn
+        .create_channel()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let depth = flashsale::persistence::rabbit::queue_depth(&ch, queue)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = conn.close(200, "done".into()).await;
+    depth
+}

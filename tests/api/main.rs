@@ -5,7 +5,10 @@ mod helpers;
 
 mod admin_sales;
 mod config;
+mod crash;
 mod http_conventions;
+mod pipeline;
+mod proxy;
 mod purchases;
 mod startup;
 mod users;

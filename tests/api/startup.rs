@@ -3,42 +3,27 @@
 
 use std::process::Command;
 
-use crate::helpers::{cleanup, db_name, test_settings};
+use crate::helpers::{cleanup, db_name, server_command, test_settings};
 use secrecy::ExposeSecret;
 
-const BIN: &str = env!("CARGO_BIN_EXE_flashsale");
-
-/// Runs the binary with the test's isolated settings as environment
-/// variables plus `extra`, and returns (exit code, stderr).
+/// Runs the binary with the test's settings plus `extra`, and returns
+/// (exit code, stderr).
 fn run(
     settings: &flashsale::config::Settings,
     args: &[&str],
     extra: &[(&str, &str)],
 ) -> (i32, String) {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = server_command(settings, 0);
     cmd.args(args)
-        .env("FLASHSALE__SERVER__PORT", "0")
-        .env(
-            "FLASHSALE__DATABASE__URL",
-            settings.database.url.expose_secret(),
-        )
         .env("FLASHSALE__DATABASE__CONNECT_TIMEOUT_MS", "1500")
-        .env("FLASHSALE__REDIS__KEY_PREFIX", &settings.redis.key_prefix)
         .env("FLASHSALE__REDIS__CONNECT_TIMEOUT_MS", "1500")
-        .env("FLASHSALE__RABBITMQ__QUEUE", &settings.rabbitmq.queue)
-        .env(
-            "FLASHSALE__RABBITMQ__DEAD_LETTER_QUEUE",
-            &settings.rabbitmq.dead_letter_queue,
-        )
-        .env("FLASHSALE__RABBITMQ__CONNECT_TIMEOUT_MS", "1500")
-        .env("FLASHSALE__TELEMETRY__LOG_FILTER", "warn")
-        .env_remove("RUST_LOG");
+        .env("FLASHSALE__RABBITMQ__CONNECT_TIMEOUT_MS", "1500");
     for (k, v) in extra {
         cmd.env(k, v);
     }
     let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run the server binary: {e}"));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -111,7 +96,7 @@ async fn migrate_creates_and_migrates_the_database() {
 fn a_bad_config_file_stops_start_up() {
     let path = std::env::temp_dir().join(format!("flashsale-bad-{}.toml", uuid::Uuid::new_v4()));
     std::fs::write(&path, "[server]\nprot = 1\n").unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(BIN)
+    let out = Command::new(crate::helpers::SERVER_BIN)
         .args(["--config", path.to_str().unwrap_or_default()])
         .output()
         .unwrap_or_else(|e| panic!("{e}"));

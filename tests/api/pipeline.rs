@@ -1,0 +1,206 @@
+//! The order pipeline under failure: malformed messages and a broker outage.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{
+    assert_sale_invariants, db_client, held_order_ids, mint_shopper, queue_depth, spawn_app,
+    spawn_app_with, test_settings, uuid_of, wait_for_orders, wait_ready,
+};
+use crate::proxy::TcpProxy;
+
+async fn publish_raw(settings: &flashsale::config::Settings, payload: &[u8]) {
+    let conn = flashsale::persistence::rabbit::connect(&settings.rabbitmq, "test-publisher")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ch = conn
+        .create_channel()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    ch.confirm_select(Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            settings.rabbitmq.queue.as_str().into(),
+            BasicPublishOptions::default(),
+            payload,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(confirm.is_ack());
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[actix_web::test]
+async fn malformed_messages_are_dead_lettered_and_writing_goes_on() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(json!({"stock_total": 10})).await;
+    let sale_id = sale["id"].as_str().unwrap_or_default();
+    let dead = app.settings.rabbitmq.dead_letter_queue.clone();
+    // Broken JSON, an unknown schema version, and an order for a sale that
+    // does not exist (refused by the foreign key, forever).
+    publish_raw(&app.settings, b"{not json").await;
+    publish_raw(&app.settings, br#"{"v":99,"entries":[]}"#).await;
+    let ghost = json!({"v": 1, "entries": [{"op": "reserve", "order": {
+        "id": Uuid::now_v7(), "sale_id": Uuid::now_v7(), "user_id": Uuid::new_v4(), "quantity": 1,
+        "status": "reserved", "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-01T00:10:00Z",
+        "paid_at": null}}]});
+    publish_raw(
+        &app.settings,
+        &serde_json::to_vec(&ghost).unwrap_or_default(),
+    )
+    .await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while queue_depth(&app.settings, &dead).await < 3 && std::time::Instant::now() < deadline {
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        queue_depth(&app.settings, &dead).await,
+        3,
+        "all three dead-lettered"
+    );
+    assert_eq!(
+        queue_depth(&app.settings, &app.settings.rabbitmq.queue).await,
+        0,
+        "nothing loops"
+    );
+
+    // The writers keep going.
+    let (_, token) = mint_shopper(&app.settings);
+    let (status, order) = app.purchase(sale_id, &token, None, None).await;
+    assert_eq!(status, 201);
+    let db = db_client(&app.settings).await;
+    let stored = wait_for_orders(&db, uuid_of(&sale["id"]), 1).await;
+    assert!(stored.contains(&uuid_of(&order["id"])));
+    app.teardown().await;
+}
+
+#[actix_web::test]
+async fn a_broker_outage_refuses_purchases_and_recovers_by_itself() {
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let mut settings = test_settings();
+    settings.rabbitmq.url =
+        secrecy::SecretString::from(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port));
+    settings.orders.reconnect_initial_ms = 50;
+    settings.orders.reconnect_max_ms = 200;
+    settings.orders.retry_initial_ms = 20;
+    settings.orders.retry_max_ms = 200;
+    settings.orders.confirm_timeout_ms = 3000;
+    let app = spawn_app_with(settings).await;
+    let sale = app
+        .create_sale(json!({"stock_total": 60, "per_user_limit": 1}))
+        .await;
+    let sale_id = sale["id"].as_str().unwrap_or_default().to_owned();
+    let sale_uuid = uuid_of(&sale["id"]);
+    let mut answered_201: HashSet<Uuid> = HashSet::new();
+
+    let buy_many = |n: usize| {
+        let tokens: Vec<String> = (0..n).map(|_| mint_shopper(&app.settings).1).collect();
+        let app = &app;
+        let sale_id = sale_id.clone();
+        async move { join_all(tokens.iter().map(|t| app.purchase(&sale_id, t, None, None))).await }
+    };
+
+    for (status, body) in buy_many(5).await {
+        assert_eq!(status, 201, "{body}");
+        answered_201.insert(uuid_of(&body["id"]));
+    }
+
+    // Cut the broker while purchases are in flight: each answer is a 201 or
+    // a 503, never anything else, and never a hang.
+    let (results, ()) = tokio::join!(buy_many(20), async { proxy.cut() });
+    for (status, body) in results {
+        match status {
+            201 => {
+                answered_201.insert(uuid_of(&body["id"]));
+            }
+            503 => assert_eq!(body["code"], "unavailable", "{body}"),
+            other => panic!("{other}: {body}"),
+        }
+    }
+    // While it is down: readiness says so, purchases are 503, reads work.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let res = app.get("/readyz", None).await;
+        if res.status() == 503 {
+            let body: Value = res.json().await.unwrap_or_default();
+            assert!(
+                body["checks"]["rabbitmq"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("order publisher"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readiness never noticed the outage"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (status, body) in buy_many(10).await {
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (503, Some("unavailable")),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        app.get(&format!("/api/v1/sales/{sale_id}"), None)
+            .await
+            .status(),
+        200
+    );
+
+    // Restore: the server comes back by itself.
+    proxy.restore();
+    assert!(
+        wait_ready(&app.client, &app.address, Duration::from_secs(20)).await,
+        "never ready again"
+    );
+    for (status, body) in buy_many(10).await {
+        assert_eq!(status, 201, "{body}");
+        answered_201.insert(uuid_of(&body["id"]));
+    }
+
+    // Every 201 is stored; nothing is left in doubt: the book and
+    // PostgreSQL agree on every unit.
+    let db = db_client(&app.settings).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored = held_order_ids(&db, sale_uuid).await;
+        let view: Value = app
+            .get(&format!("/api/v1/sales/{sale_id}"), None)
+            .await
+            .json()
+            .await
+            .unwrap_or_default();
+        let left = view["stock_left"].as_u64().unwrap_or(0) as usize;
+        if answered_201.is_subset(&stored) && stored.len() + left == 60 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "201s stored: {}/{}; held {} + left {left} != 60",
+            answered_201.intersection(&stored).count(),
+            answered_201.len(),
+            stored.len()
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_sale_invariants(&db, sale_uuid).await;
+    app.teardown().await;
+}
