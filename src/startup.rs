@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use actix::{Actor, Addr};
 use actix_web::dev::Server;
-use actix_web::{middleware, web, App, HttpServer};
+use actix_web::{web, App, HttpServer};
 use secrecy::ExposeSecret;
 use tokio::sync::Notify;
 
@@ -69,10 +69,11 @@ pub struct Application {
 /// The order pipeline's moving parts, kept for the shutdown script.
 struct Pipeline {
     publisher: OrderPublisher,
-    publisher_task: tokio::task::JoinHandle<()>,
+    publisher_task: tokio::sync::oneshot::Receiver<()>,
     writers: Vec<Addr<OrderWriter>>,
     writer_stats: Arc<WriterStats>,
     rabbit: RabbitSettings,
+    arbiter: actix::Arbiter,
 }
 
 impl Application {
@@ -97,12 +98,18 @@ impl Application {
             Err(e) => tracing::warn!(error = %e, "recovery: order log not fully drained"),
         }
 
-        let (publisher, publisher_task) = OrderPublisher::start(PublisherDeps {
-            rabbit: settings.rabbitmq.clone(),
-            orders: settings.orders.clone(),
-            db: db.clone(),
-            writers: writer_stats.clone(),
-        });
+        // The publisher and the writers get a thread of their own, so the
+        // stock actors' thread does nothing but decide purchases.
+        let pipeline_arbiter = actix::Arbiter::new();
+        let (publisher, publisher_task) = OrderPublisher::start(
+            &pipeline_arbiter.handle(),
+            PublisherDeps {
+                rabbit: settings.rabbitmq.clone(),
+                orders: settings.orders.clone(),
+                db: db.clone(),
+                writers: writer_stats.clone(),
+            },
+        );
         let registry = Arc::new(SaleRegistry::default());
         let stock = StockDeps {
             registry: registry.clone(),
@@ -119,7 +126,10 @@ impl Application {
         tracing::info!(sales = recovered, "recovery: stock actors started");
 
         let writers = (0..settings.orders.writers)
-            .map(|i| OrderWriter::new(i, writer_config.clone(), writer_stats.clone()).start())
+            .map(|i| {
+                let writer = OrderWriter::new(i, writer_config.clone(), writer_stats.clone());
+                OrderWriter::start_in_arbiter(&pipeline_arbiter.handle(), move |_| writer)
+            })
             .collect();
 
         let passwords = Passwords::new(&settings.auth)
@@ -140,9 +150,11 @@ impl Application {
             retry_after_secs: settings.stock.retry_after_secs,
             confirm_timeout: Duration::from_millis(settings.orders.confirm_timeout_ms.max(1)),
         });
-        // Recovery, step 3: open for business once the publisher is connected.
-        wait_for_publisher(
+        // Recovery, step 3: open for business once the pipeline is connected.
+        wait_for_pipeline(
             &publisher,
+            &writer_stats,
+            settings.orders.writers,
             Duration::from_millis(settings.rabbitmq.connect_timeout_ms * 2),
         )
         .await;
@@ -172,7 +184,6 @@ impl Application {
                 .app_data(app_state.clone())
                 .app_data(limit)
                 .configure(http::routes)
-                .wrap(middleware::NormalizePath::trim())
                 .wrap_fn(http::request_context)
         })
         .workers(workers)
@@ -199,6 +210,7 @@ impl Application {
                 writers,
                 writer_stats,
                 rabbit: settings.rabbitmq.clone(),
+                arbiter: pipeline_arbiter,
             },
         })
     }
@@ -267,6 +279,7 @@ impl Application {
         for w in &pipeline.writers {
             let _ = w.send(StopWriter).await;
         }
+        pipeline.arbiter.stop();
         tracing::info!("shutdown complete");
         Ok(())
     }
@@ -310,13 +323,20 @@ async fn recover_sales(db: &Database, stock: &StockDeps) -> Result<usize, Startu
     Ok(count)
 }
 
-async fn wait_for_publisher(publisher: &OrderPublisher, timeout: Duration) {
+/// Waits (bounded) until the publisher and every writer are connected.
+async fn wait_for_pipeline(
+    publisher: &OrderPublisher,
+    writers: &WriterStats,
+    writer_count: usize,
+    timeout: Duration,
+) {
+    let up = || publisher.is_up() && writers.connected.load(Ordering::Acquire) >= writer_count;
     let deadline = tokio::time::Instant::now() + timeout;
-    while !publisher.is_up() && tokio::time::Instant::now() < deadline {
+    while !up() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    if !publisher.is_up() {
-        tracing::warn!("order publisher not connected yet; purchases answer 503 until it is");
+    if !up() {
+        tracing::warn!("order pipeline not fully connected yet; purchases answer 503 until it is");
     }
 }
 

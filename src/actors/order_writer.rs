@@ -196,8 +196,8 @@ impl Handler<StopWriter> for OrderWriter {
         let link = self.link.take();
         Box::pin(
             async move {
-                if let Some((conn, channel)) = link {
-                    let _ = channel.close(200, "shutdown".into()).await;
+                if let Some((conn, _channel)) = link {
+                    // Closing the connection closes its channel.
                     let _ = conn.close(200, "shutdown".into()).await;
                 }
             }

@@ -109,13 +109,26 @@ pub struct PublisherDeps {
 }
 
 impl OrderPublisher {
-    /// Starts the publisher task on the current arbiter. The returned handle
-    /// resolves when the publisher has stopped (after [`Self::shutdown`]).
-    pub fn start(deps: PublisherDeps) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts the publisher task on `arbiter` (its broker connection lives
+    /// there too). The returned receiver resolves when the publisher has
+    /// stopped (after [`Self::shutdown`]).
+    pub fn start(
+        arbiter: &actix::ArbiterHandle,
+        deps: PublisherDeps,
+    ) -> (Self, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = mpsc::channel(deps.orders.publish_queue_capacity);
         let (stop, stop_rx) = watch::channel(false);
         let stats = Arc::new(PublisherStats::default());
-        let task = actix::spawn(run(rx, stop_rx, deps, stats.clone()));
+        let (done, task) = tokio::sync::oneshot::channel();
+        let task_stats = stats.clone();
+        // The task keeps `Rc`s (it is single-threaded by design), so it is
+        // spawned from inside the arbiter rather than sent to it.
+        arbiter.spawn_fn(move || {
+            actix::spawn(async move {
+                run(rx, stop_rx, deps, task_stats).await;
+                let _ = done.send(());
+            });
+        });
         (
             OrderPublisher {
                 tx,

@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use futures_util::FutureExt;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -200,5 +201,89 @@ async fn every_201_survives_sigkill_mid_stream_three_times() {
 
     let _ = server.child.start_kill();
     let _ = server.child.wait().await;
+    cleanup(&settings).await;
+}
+
+#[actix_web::test]
+async fn sigterm_mid_load_finishes_in_flight_work_and_exits_cleanly() {
+    let settings = test_settings();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut server = start(&settings, &client).await;
+    let sale: Value = client
+        .post(format!("{}/admin/v1/sales", server.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&sale_body(
+            json!({"stock_total": 10_000, "per_user_limit": 1}),
+        ))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_default();
+    let sale_id = uuid_of(&sale["id"]);
+    let answered: RefCell<HashSet<Uuid>> = RefCell::new(HashSet::new());
+    let refused = Cell::new(0usize);
+    let stop = Cell::new(false);
+    let base = server.base.clone();
+    let drivers = (0..32).map(|_| {
+        let (client, base, settings, answered, refused, stop) =
+            (&client, &base, &settings, &answered, &refused, &stop);
+        async move {
+            while !stop.get() {
+                let (_, token) = mint_shopper(settings);
+                let sent = client
+                    .post(format!("{base}/api/v1/sales/{sale_id}/purchases"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(res) if res.status() == 201 => {
+                        if let Ok(body) = res.json::<Value>().await {
+                            answered.borrow_mut().insert(uuid_of(&body["id"]));
+                        }
+                    }
+                    Ok(res) if res.status() == 503 => refused.set(refused.get() + 1),
+                    Ok(res) => panic!("unexpected {}", res.status()),
+                    Err(_) => {
+                        // The server has closed its listener.
+                        actix_web::rt::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        }
+    });
+    let terminator = async {
+        while answered.borrow().len() < 100 {
+            actix_web::rt::time::sleep(Duration::from_millis(5)).await;
+        }
+        let pid = server.child.id().unwrap_or_default();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(status.success());
+        let exit = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the server did not stop within 30 s"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        stop.set(true);
+        exit
+    };
+    let ((), exit) = tokio::join!(join_all(drivers).map(|_| ()), terminator);
+    assert!(exit.success(), "graceful shutdown exits 0: {exit:?}");
+    // No waiting and no restart: the drain happened before the exit.
+    let db = db_client(&settings).await;
+    let stored = held_order_ids(&db, sale_id).await;
+    let answered = answered.into_inner();
+    assert!(answered.len() >= 100);
+    let missing = answered.difference(&stored).count();
+    assert_eq!(
+        missing, 0,
+        "every 201 is in PostgreSQL when the process has exited"
+    );
     cleanup(&settings).await;
 }

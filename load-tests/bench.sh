@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Benchmark: builds the release binary, starts the server with
+# load-tests/bench.toml on 127.0.0.1, and measures in one run with wrk:
+#   1. GET /healthz                       (the ceiling)
+#   2. purchases on a sold-out sale       (the hot "no")
+#   3. durable reservations, ample stock, a distinct buyer per request
+# then checks that PostgreSQL holds exactly the orders answered 201, and
+# writes a Markdown report under load-tests/reports/.
+# Every run is bounded: BENCH_SECONDS (default 10) per ceiling/rejection run,
+# BENCH_RESERVE_SECONDS (default 30) for the reservation run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_SHORT=${BENCH_SECONDS:-10}
+SECONDS_RESERVE=${BENCH_RESERVE_SECONDS:-30}
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+# Each reservation waits for its batch's confirm (a few ms), so reaching a
+# high rate takes more requests in flight (Little's law).
+RESERVE_CONNECTIONS=${BENCH_RESERVE_CONNECTIONS:-256}
+THREADS=${BENCH_THREADS:-1}
+PORT=18080
+BASE="http://127.0.0.1:$PORT"
+ADMIN="Authorization: Bearer bench-admin-token"
+WORK=$(mktemp -d)
+trap 'kill $SERVER_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+scripts/services
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+cargo build --release -q -p flashsale -p flashsale-load-tests
+
+# A fresh world: database and queues of the benchmark only.
+psql -q -h 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS flashsale_bench WITH (FORCE)' >/dev/null
+for q in flashsale.bench.orders flashsale.bench.dead; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
+
+target/release/flashsale --config load-tests/bench.toml &
+SERVER_PID=$!
+for _ in $(seq 1 200); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
+curl -sf "$BASE/readyz" >/dev/null || { echo "bench: server not ready" >&2; exit 1; }
+
+TOKENS=$(( SECONDS_RESERVE * 90000 ))
+target/release/flashsale-mint --config load-tests/bench.toml --count "$TOKENS" --out "$WORK/tokens.txt"
+head -n 20000 "$WORK/tokens.txt" > "$WORK/few-tokens.txt"
+
+sale() { # stock limit
+  curl -sf -X POST "$BASE/admin/v1/sales" -H "$ADMIN" -H 'content-type: application/json' \
+    -d "{\"name\":\"bench\",\"price_cents\":100,\"stock_total\":$1,\"per_user_limit\":$2,\"starts_at\":\"2020-01-01T00:00:00Z\",\"ends_at\":\"2099-01-01T00:00:00Z\"}" \
+    | python3 -c 'import sys,json; print(json.load(sys.stdin)["id"])'
+}
+SOLD=$(sale 1 1)
+curl -sf -X POST "$BASE/api/v1/sales/$SOLD/purchases" -H "Authorization: Bearer $(head -n1 "$WORK/few-tokens.txt")" >/dev/null
+AMPLE=$(sale 10000000 1)
+
+run_wrk() { # name seconds connections script-args...
+  local name=$1 secs=$2 conns=$3; shift 3
+  WRK_THREADS=$THREADS wrk -t"$THREADS" -c"$conns" -d"${secs}s" --timeout 5s "$@" > "$WORK/$name.out" 2>&1
+  cat "$WORK/$name.out"
+}
+field() { grep -E "^$2" "$WORK/$1.out" | awk '{print $NF}' | head -n1; }
+rps() { grep -E '^Requests/sec' "$WORK/$1.out" | awk '{print $2}'; }
+
+echo "== healthz"; run_wrk healthz "$SECONDS_SHORT" "$CONNECTIONS" -s load-tests/wrk/latency.lua "$BASE/healthz"
+echo "== sold out"; run_wrk soldout "$SECONDS_SHORT" "$CONNECTIONS" -s load-tests/wrk/purchase.lua "$BASE" -- "/api/v1/sales/$SOLD/purchases" "$WORK/few-tokens.txt"
+echo "== reserve"
+( while sleep 2; do rabbitmqctl -q list_queues name messages 2>/dev/null | awk '$1=="flashsale.bench.orders"{print $2}'; done ) > "$WORK/depth.txt" &
+DEPTH_PID=$!
+RSS_MAX=0
+( while sleep 1; do ps -o rss= -p $SERVER_PID; done ) > "$WORK/rss.txt" &
+RSS_PID=$!
+run_wrk reserve "$SECONDS_RESERVE" "$RESERVE_CONNECTIONS" -s load-tests/wrk/purchase.lua "$BASE" -- "/api/v1/sales/$AMPLE/purchases" "$WORK/tokens.txt"
+kill $DEPTH_PID $RSS_PID 2>/dev/null || true
+
+# Graceful stop drains the log; then PostgreSQL must hold every 201.
+kill -TERM $SERVER_PID; wait $SERVER_PID || true
+STORED=$(psql -tA -h 127.0.0.1 -U postgres -d flashsale_bench -c "SELECT COUNT(*) FROM orders WHERE sale_id = '$AMPLE' AND status = 'reserved'")
+CREATED=$(grep -E '^status 201:' "$WORK/reserve.out" | awk '{print $3}'); CREATED=${CREATED:-0}
+SOLDOUT_OTHER=$(awk '/^status / && $2 != "409:" {s+=$3} END {print s+0}' "$WORK/soldout.out")
+
+H=$(rps healthz); S=$(rps soldout); R=$(rps reserve)
+R201=$(python3 -c "print(round($CREATED / $SECONDS_RESERVE))")
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+DEPTH_MAX=$(sort -n "$WORK/depth.txt" | tail -n1); DEPTH_MAX=${DEPTH_MAX:-0}
+DEPTH_LAST=$(tail -n1 "$WORK/depth.txt"); DEPTH_LAST=${DEPTH_LAST:-0}
+RSS_PEAK=$(sort -n "$WORK/rss.txt" | tail -n1)
+
+mkdir -p load-tests/reports
+REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
+{
+  echo "# flashsale benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo
+  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; server and wrk on the same machine."
+  echo "Tool: wrk, $THREADS thread(s); $CONNECTIONS connections for /healthz and the sold-out run, $RESERVE_CONNECTIONS for the reservation run; every figure from this one run."
+  echo
+  echo "| run | seconds | req/s | ratio to /healthz | p50 ms | p99 ms | p99.9 ms |"
+  echo "| --- | --- | --- | --- | --- | --- | --- |"
+  echo "| GET /healthz (ceiling) | $SECONDS_SHORT | $H | 1.00 | $(field healthz p50_ms) | $(field healthz p99_ms) | $(field healthz p999_ms) |"
+  echo "| purchase, sold-out sale | $SECONDS_SHORT | $S | $(ratio "$S" "$H") | $(field soldout p50_ms) | $(field soldout p99_ms) | $(field soldout p999_ms) |"
+  echo "| purchase, ample stock (all answers) | $SECONDS_RESERVE | $R | $(ratio "$R" "$H") | $(field reserve p50_ms) | $(field reserve p99_ms) | $(field reserve p999_ms) |"
+  echo
+  echo "- Durable reservations: $CREATED answered 201 in $SECONDS_RESERVE s = **$R201/s** ($(ratio "$R201" "$H") of /healthz); PostgreSQL holds $STORED of them after the drain."
+  echo "- Rejection p99 over /healthz p99: $(ratio "$(field soldout p99_ms)" "$(field healthz p99_ms)")."
+  echo "- Sold-out run answers other than 409: $SOLDOUT_OTHER."
+  echo "- Order queue depth during the reservation run (sampled every 2 s): max $DEPTH_MAX, last $DEPTH_LAST."
+  echo "- Server resident memory peak: $(( ${RSS_PEAK:-0} / 1024 )) MiB."
+  echo
+  echo "Answers by status in the reservation run:"
+  echo
+  grep -E '^status ' "$WORK/reserve.out" | sed 's/^/    /'
+} > "$REPORT"
+cat "$REPORT"
+[ "$STORED" = "$CREATED" ] || { echo "bench: PostgreSQL holds $STORED orders but $CREATED were answered 201" >&2; exit 1; }
