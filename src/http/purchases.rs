@@ -104,14 +104,14 @@ async fn quantity(req: &HttpRequest, payload: &mut Payload) -> Result<u32, ApiEr
         (status = 503, description = "overloaded or unavailable; see Retry-After", body = Problem)))]
 pub async fn purchase(
     shopper: Shopper,
-    state: web::Data<AppState>,
-    path: web::Path<String>,
-    req: HttpRequest,
-    payload: web::Payload,
+    state: &AppState,
+    raw_id: &str,
+    req: &HttpRequest,
+    mut payload: Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let sale = sale_id(&path)?;
-    let key = idempotency_key(&req)?;
-    let quantity = quantity(&req, &mut payload.into_inner()).await?;
+    let sale = sale_id(raw_id)?;
+    let key = idempotency_key(req)?;
+    let quantity = quantity(req, &mut payload).await?;
     let handle = state.registry.get(sale).ok_or(ApiError::SaleNotFound)?;
     if let Some(r) = handle.shared.quick_rejection(Utc::now(), key.is_some()) {
         return Err(ApiError::Rejected(r));

@@ -240,11 +240,8 @@ pub async fn list_public(state: web::Data<AppState>) -> Result<HttpResponse, Api
     params(("id" = String, Path, description = "sale id")),
     responses((status = 200, body = SaleWithTime),
         (status = 404, description = "sale_not_found", body = Problem)))]
-pub async fn get_public(
-    state: web::Data<AppState>,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    let h = handle(&state, sale_id(&path)?)?;
+pub async fn get_public(state: &AppState, raw_id: &str) -> Result<HttpResponse, ApiError> {
+    let h = handle(state, sale_id(raw_id)?)?;
     let now = Utc::now();
     Ok(HttpResponse::Ok().json(SaleWithTime {
         sale: public_view(&h, now),

@@ -283,14 +283,14 @@ async fn run(
         let mut batch = vec![first];
         // Group commit: wait for more only while earlier batches are in flight.
         let wait = permits.available_permits() < max_batches && !max_delay.is_zero();
-        let deadline = tokio::time::Instant::now() + max_delay;
+        if wait {
+            // Sleep without polling the channel: senders then do not wake
+            // this task once per entry, and the batch fills meanwhile.
+            tokio::time::sleep(max_delay).await;
+        }
         while batch.len() < cfg.batch_max_orders {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
-                Err(_) if wait => match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(r)) => batch.push(r),
-                    _ => break,
-                },
                 Err(_) => break,
             }
         }
