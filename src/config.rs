@@ -29,6 +29,7 @@ pub struct Settings {
     pub orders: OrderSettings,
     pub auth: AuthSettings,
     pub sales: SalesSettings,
+    pub payments: PaymentSettings,
     pub telemetry: TelemetrySettings,
 }
 
@@ -79,6 +80,22 @@ pub struct StockSettings {
     pub mailbox_capacity: usize,
     pub snapshot_interval_ms: u64,
     pub retry_after_secs: u32,
+    pub expiry_tick_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentSettings {
+    pub provider: PaymentProviderKind,
+    pub webhook_secret: SecretString,
+    pub webhook_tolerance_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PaymentProviderKind {
+    Simulated,
+    Webhook,
 }
 
 #[derive(Debug, Clone, Deserialize)]

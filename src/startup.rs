@@ -118,6 +118,7 @@ impl Application {
             redis: redis.clone(),
             mailbox_capacity: settings.stock.mailbox_capacity,
             snapshot_interval: Duration::from_millis(settings.stock.snapshot_interval_ms.max(1)),
+            expiry_tick: Duration::from_millis(settings.stock.expiry_tick_ms.max(1)),
             arbiter: actix::Arbiter::current(),
         };
 
@@ -145,6 +146,8 @@ impl Application {
             passwords,
             admin_token: AdminToken::new(settings.auth.admin_token.clone()),
             sales_defaults: settings.sales.clone(),
+            payments: crate::payments::provider(&settings.payments),
+            webhook: crate::payments::WebhookVerifier::new(&settings.payments),
             recovered: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             retry_after_secs: settings.stock.retry_after_secs,

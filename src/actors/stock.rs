@@ -1,9 +1,10 @@
 //! `StockActor`: the one owner of a sale's stock.
 //!
 //! It holds a [`SaleBook`] and applies every decision to it in mailbox order:
-//! reserve, settle what the order log confirmed, apply admin changes. A new
-//! reservation is handed to the [`OrderPublisher`] and its buyer is answered
-//! only when the batch it travels in is confirmed (or its fate is known).
+//! reserve, pay, cancel, expire (on a timer, from the book's ordered
+//! deadlines), settle what the order log confirmed, apply admin changes.
+//! Every decision is published to the [`OrderPublisher`] before it counts,
+//! and whoever asked is answered only when the entry is confirmed.
 //! After each change it publishes hints for the HTTP workers
 //! ([`SaleShared`]) and, at most every `stock.snapshot_interval_ms`, a
 //! snapshot to Redis that never holds up a purchase.
@@ -21,7 +22,9 @@ use uuid::Uuid;
 use super::registry::{SaleHandle, SaleRegistry, SaleShared};
 use crate::domain::order::Order;
 use crate::domain::sale::{PatchError, Sale, SalePatch, TransitionError};
-use crate::domain::sale_book::{Durability, Rejection, Reserved, SaleBook};
+use crate::domain::sale_book::{
+    Action, ActionRefused, Durability, Plan, Rejection, Reserved, SaleBook,
+};
 use crate::persistence::order_log::LogEntry;
 use crate::persistence::postgres::{Database, StoreError};
 use crate::persistence::publisher::{OrderPublisher, PublishRefused, PublishRequest, Settled};
@@ -55,6 +58,31 @@ pub struct Reserve {
     pub reply: oneshot::Sender<PurchaseReply>,
 }
 
+/// The answer to a payment or cancellation.
+#[derive(Debug)]
+pub enum ActionReply {
+    /// The order in its durable state; `changed` is false when it already
+    /// was in the asked-for state (a repeated call).
+    Done {
+        order: Order,
+        changed: bool,
+    },
+    Refused(ActionRefused),
+    Overloaded,
+    Unavailable,
+}
+
+/// Asks to pay or cancel an order of this sale on behalf of its owner.
+/// Sent with `try_send` like [`Reserve`]; answered on `reply`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct OrderAction {
+    pub order_id: Uuid,
+    pub user_id: Uuid,
+    pub action: Action,
+    pub reply: oneshot::Sender<ActionReply>,
+}
+
 /// An admin change to the sale's definition.
 #[derive(Debug, Clone)]
 pub enum SaleChange {
@@ -76,10 +104,25 @@ pub enum ChangeError {
 #[rtype(result = "Result<Sale, ChangeError>")]
 pub struct ChangeSale(pub SaleChange);
 
-/// Who waits for an order's fate, and whether they made it or replay it.
-struct Waiter {
-    reply: oneshot::Sender<PurchaseReply>,
-    original: bool,
+/// Who waits for an order's latest change to be confirmed.
+enum Waiter {
+    /// A purchase: `original` made the order, the others replay its key.
+    Purchase {
+        reply: oneshot::Sender<PurchaseReply>,
+        original: bool,
+    },
+    /// A payment or cancellation (`changed`: this call made the change).
+    Action {
+        reply: oneshot::Sender<ActionReply>,
+        changed: bool,
+    },
+}
+
+/// How the waiters of an order are answered.
+#[derive(Clone, Copy)]
+enum Outcome {
+    Confirmed,
+    Unavailable,
 }
 
 pub struct StockActor {
@@ -90,6 +133,7 @@ pub struct StockActor {
     db: Database,
     redis: RedisStore,
     snapshot_interval: Duration,
+    expiry_tick: Duration,
     snapshot_in_flight: bool,
     waiters: HashMap<Uuid, Vec<Waiter>>,
 }
@@ -103,6 +147,8 @@ pub struct StockDeps {
     pub redis: RedisStore,
     pub mailbox_capacity: usize,
     pub snapshot_interval: Duration,
+    /// How often due reservations are looked for.
+    pub expiry_tick: Duration,
     /// Where stock actors run: one arbiter for all of them, not the HTTP
     /// workers' (those stop first at shutdown, while orders still settle).
     pub arbiter: actix::ArbiterHandle,
@@ -121,6 +167,7 @@ impl StockActor {
             db: deps.db.clone(),
             redis: deps.redis.clone(),
             snapshot_interval: deps.snapshot_interval,
+            expiry_tick: deps.expiry_tick,
             snapshot_in_flight: false,
             waiters: HashMap::new(),
         };
@@ -138,18 +185,64 @@ impl StockActor {
         self.shared.publish_stock(&self.book);
     }
 
-    fn answer(&mut self, id: Uuid, reply: impl Fn(&Order, bool) -> PurchaseReply) {
+    /// Answers everyone waiting on order `id`.
+    fn answer(&mut self, id: Uuid, outcome: Outcome) {
         let Some(waiters) = self.waiters.remove(&id) else {
             return;
         };
         let order = self.book.order(id).map(|(o, _)| o.clone());
         for w in waiters {
-            let r = match &order {
-                Some(o) => reply(o, w.original),
-                None => PurchaseReply::Unavailable,
-            };
-            let _ = w.reply.send(r);
+            match (w, &order, outcome) {
+                (Waiter::Purchase { reply, original }, Some(o), Outcome::Confirmed) => {
+                    let _ = reply.send(if original {
+                        PurchaseReply::Created(o.clone())
+                    } else {
+                        PurchaseReply::Replayed(o.clone())
+                    });
+                }
+                (Waiter::Action { reply, changed }, Some(o), Outcome::Confirmed) => {
+                    let _ = reply.send(ActionReply::Done {
+                        order: o.clone(),
+                        changed,
+                    });
+                }
+                (Waiter::Purchase { reply, .. }, _, _) => {
+                    let _ = reply.send(PurchaseReply::Unavailable);
+                }
+                (Waiter::Action { reply, .. }, _, _) => {
+                    let _ = reply.send(ActionReply::Unavailable);
+                }
+            }
         }
+    }
+
+    fn publish(&self, entry: LogEntry, ctx: &Context<Self>) -> Result<(), PublishRefused> {
+        self.publisher.try_publish(PublishRequest {
+            sale_id: self.book.sale().id,
+            entry,
+            notify: ctx.address().recipient(),
+        })
+    }
+
+    /// Expires every durable reservation past its deadline. Each expiry is
+    /// published first; one the log cannot take now is tried at the next tick.
+    fn expire_due(&mut self, ctx: &Context<Self>) {
+        let due = self.book.due(Utc::now(), 4096);
+        if due.is_empty() {
+            return;
+        }
+        for order in due {
+            match self.publish(
+                LogEntry::Transition {
+                    order: order.clone(),
+                },
+                ctx,
+            ) {
+                Ok(()) => self.book.apply_change(order),
+                Err(_) => break,
+            }
+        }
+        self.changed();
     }
 
     fn snapshot(&mut self, ctx: &mut Context<Self>) {
@@ -211,7 +304,9 @@ impl Actor for StockActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.snapshot_interval, |act, ctx| act.snapshot(ctx));
+        ctx.run_interval(self.expiry_tick, |act, ctx| act.expire_due(ctx));
         self.snapshot(ctx);
+        self.expire_due(ctx);
     }
 }
 
@@ -238,24 +333,22 @@ impl Handler<Reserve> for StockActor {
                 let _ = reply.send(PurchaseReply::Replayed(order));
             }
             Ok(Reserved::Replay(order, Durability::Pending)) => {
-                self.waiters.entry(order.id).or_default().push(Waiter {
-                    reply,
-                    original: false,
-                });
+                self.waiters
+                    .entry(order.id)
+                    .or_default()
+                    .push(Waiter::Purchase {
+                        reply,
+                        original: false,
+                    });
             }
             Ok(Reserved::Replay(_, Durability::InDoubt)) => {
                 let _ = reply.send(PurchaseReply::Unavailable);
             }
             Ok(Reserved::New(order)) => {
                 let id = order.id;
-                let request = PublishRequest {
-                    sale_id: order.sale_id,
-                    entry: LogEntry::Reserve { order },
-                    notify: ctx.address().recipient(),
-                };
-                match self.publisher.try_publish(request) {
+                match self.publish(LogEntry::Reserve { order }, ctx) {
                     Ok(()) => {
-                        self.waiters.entry(id).or_default().push(Waiter {
+                        self.waiters.entry(id).or_default().push(Waiter::Purchase {
                             reply,
                             original: true,
                         });
@@ -275,6 +368,74 @@ impl Handler<Reserve> for StockActor {
     }
 }
 
+impl Handler<OrderAction> for StockActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: OrderAction, ctx: &mut Self::Context) {
+        self.shared.leave();
+        self.shared.messages_handled.fetch_add(1, Ordering::Relaxed);
+        // A reservation past its deadline is expired before anything else is
+        // decided about it: payment and expiry cannot both win.
+        self.expire_due(ctx);
+        let OrderAction {
+            order_id,
+            user_id,
+            action,
+            reply,
+        } = msg;
+        match self.book.plan(order_id, user_id, action, Utc::now()) {
+            Err(ActionRefused::NotDurable) => {
+                let _ = reply.send(ActionReply::Unavailable);
+            }
+            Err(refused) => {
+                let _ = reply.send(ActionReply::Refused(refused));
+            }
+            Ok(Plan::Unchanged(order, Durability::Durable)) => {
+                let _ = reply.send(ActionReply::Done {
+                    order,
+                    changed: false,
+                });
+            }
+            Ok(Plan::Unchanged(order, Durability::Pending)) => {
+                self.waiters
+                    .entry(order.id)
+                    .or_default()
+                    .push(Waiter::Action {
+                        reply,
+                        changed: false,
+                    });
+            }
+            Ok(Plan::Unchanged(_, Durability::InDoubt)) => {
+                let _ = reply.send(ActionReply::Unavailable);
+            }
+            Ok(Plan::Change(order)) => {
+                let id = order.id;
+                match self.publish(
+                    LogEntry::Transition {
+                        order: order.clone(),
+                    },
+                    ctx,
+                ) {
+                    Ok(()) => {
+                        self.book.apply_change(order);
+                        self.waiters.entry(id).or_default().push(Waiter::Action {
+                            reply,
+                            changed: true,
+                        });
+                        self.changed();
+                    }
+                    Err(PublishRefused::Full) => {
+                        let _ = reply.send(ActionReply::Overloaded);
+                    }
+                    Err(PublishRefused::Down) => {
+                        let _ = reply.send(ActionReply::Unavailable);
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Handler<Settled> for StockActor {
     type Result = ();
 
@@ -284,20 +445,14 @@ impl Handler<Settled> for StockActor {
             if let Some(order) = self.book.confirm(id) {
                 self.registry.orders.upsert(order);
             }
-            self.answer(id, |o, original| {
-                if original {
-                    PurchaseReply::Created(o.clone())
-                } else {
-                    PurchaseReply::Replayed(o.clone())
-                }
-            });
+            self.answer(id, Outcome::Confirmed);
         }
         for id in msg.in_doubt {
             self.book.mark_in_doubt(id);
-            self.answer(id, |_, _| PurchaseReply::Unavailable);
+            self.answer(id, Outcome::Unavailable);
         }
         for id in msg.released {
-            self.answer(id, |_, _| PurchaseReply::Unavailable);
+            self.answer(id, Outcome::Unavailable);
             self.book.release(id);
         }
         self.changed();

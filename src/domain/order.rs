@@ -15,6 +15,11 @@ pub enum OrderStatus {
 }
 
 impl OrderStatus {
+    /// Whether the order's units are (or were, until released) held.
+    pub fn holds_units(self) -> bool {
+        matches!(self, OrderStatus::Reserved | OrderStatus::Paid)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             OrderStatus::Reserved => "reserved",
@@ -46,6 +51,9 @@ pub struct Order {
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub paid_at: Option<DateTime<Utc>>,
+    /// When it was cancelled or expired.
+    #[serde(default)]
+    pub closed_at: Option<DateTime<Utc>>,
     /// The client's `Idempotency-Key`, when it sent one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub idempotency_key: Option<String>,

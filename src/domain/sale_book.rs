@@ -3,12 +3,18 @@
 //! The stock actor owns exactly one book and feeds it one message at a time,
 //! so the book needs no locks and its rules can be tested without an actor
 //! system. It tracks remaining units, each buyer's held units, idempotency
-//! keys, and every live order with its durability: an order is `Pending`
-//! until the order log confirms it, `Durable` after, and `InDoubt` when its
-//! publish failed in a way that leaves its fate unknown. Units of pending and
-//! in-doubt orders stay held, so a failure can never cause an oversell.
+//! keys, reservation deadlines (ordered, so expiry never scans), and every
+//! order with the durability of its latest change: `Pending` until the order
+//! log confirms it, `Durable` after, `InDoubt` when its publish failed with
+//! its fate unknown.
+//!
+//! Units are held from the reservation until a cancellation or expiry of it
+//! is *confirmed* by the order log, never earlier: a unit sold again before
+//! its release was durable could, after a crash, be held twice in
+//! PostgreSQL. Payment, cancellation and expiry are decided here, one at a
+//! time, so exactly one of them wins for each order.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
@@ -33,7 +39,35 @@ pub enum Rejection {
     },
 }
 
-/// Whether the order log has made an order durable yet.
+/// Why a payment or a cancellation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionRefused {
+    /// No such order in this sale, or it is another user's.
+    NotFound,
+    Expired,
+    Cancelled,
+    Paid,
+    /// The reservation is not durable yet (or in doubt): try again shortly.
+    NotDurable,
+}
+
+/// What a shopper asks of an order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Pay,
+    Cancel,
+}
+
+/// What an action would do, decided without changing the book.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// The order in its new state: publish it, then `apply_change` it.
+    Change(Order),
+    /// Already in the asked-for state: answer with it (once it is durable).
+    Unchanged(Order, Durability),
+}
+
+/// Whether the order log has made an order's latest change durable yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     Pending,
@@ -54,6 +88,8 @@ pub enum Reserved {
 struct Entry {
     order: Order,
     durability: Durability,
+    /// Its units are still counted as held (until a release is confirmed).
+    holds_units: bool,
 }
 
 /// Per-sale counters in units, as PostgreSQL will count them once the order
@@ -76,6 +112,8 @@ pub struct SaleBook {
     keys: HashMap<(Uuid, String), Uuid>,
     /// Every order of this sale this process knows about.
     orders: HashMap<Uuid, Entry>,
+    /// Deadlines of reserved orders, earliest first.
+    deadlines: BTreeSet<(DateTime<Utc>, Uuid)>,
     counters: BookCounters,
     /// Bumped on every change, published with snapshots.
     version: u64,
@@ -95,30 +133,38 @@ impl SaleBook {
             held_by: HashMap::new(),
             keys: HashMap::new(),
             orders: HashMap::new(),
+            deadlines: BTreeSet::new(),
             counters: BookCounters::default(),
             version: 0,
         }
     }
 
-    /// Rebuilds a book from the orders PostgreSQL holds (recovery). Orders
-    /// that hold no units (cancelled, expired) only feed the counters.
+    /// Rebuilds a book from the orders PostgreSQL holds (recovery): units of
+    /// reserved and paid orders are held, reserved orders get their deadline
+    /// back (one already past expires at the actor's first tick), and every
+    /// order keeps its idempotency key.
     pub fn restore(sale: Sale, orders: impl IntoIterator<Item = Order>) -> Self {
         let mut book = SaleBook::new(sale);
         for order in orders {
             book.counters_add(order.status, order.quantity);
-            if matches!(order.status, OrderStatus::Reserved | OrderStatus::Paid) {
+            let holds_units = order.status.holds_units();
+            if holds_units {
                 book.hold(&order);
-                if let Some(key) = &order.idempotency_key {
-                    book.keys.insert((order.user_id, key.clone()), order.id);
-                }
-                book.orders.insert(
-                    order.id,
-                    Entry {
-                        order,
-                        durability: Durability::Durable,
-                    },
-                );
             }
+            if order.status == OrderStatus::Reserved {
+                book.deadlines.insert((order.expires_at, order.id));
+            }
+            if let Some(key) = &order.idempotency_key {
+                book.keys.insert((order.user_id, key.clone()), order.id);
+            }
+            book.orders.insert(
+                order.id,
+                Entry {
+                    order,
+                    durability: Durability::Durable,
+                    holds_units,
+                },
+            );
         }
         book
     }
@@ -159,14 +205,23 @@ impl SaleBook {
             .map(|e| &e.order)
     }
 
-    fn counters_add(&mut self, status: OrderStatus, quantity: u32) {
-        let q = u64::from(quantity);
+    fn counter(&mut self, status: OrderStatus) -> &mut u64 {
         match status {
-            OrderStatus::Reserved => self.counters.reserved += q,
-            OrderStatus::Paid => self.counters.paid += q,
-            OrderStatus::Expired => self.counters.expired += q,
-            OrderStatus::Cancelled => self.counters.cancelled += q,
+            OrderStatus::Reserved => &mut self.counters.reserved,
+            OrderStatus::Paid => &mut self.counters.paid,
+            OrderStatus::Expired => &mut self.counters.expired,
+            OrderStatus::Cancelled => &mut self.counters.cancelled,
         }
+    }
+
+    fn counters_add(&mut self, status: OrderStatus, quantity: u32) {
+        *self.counter(status) += u64::from(quantity);
+    }
+
+    fn counters_move(&mut self, from: OrderStatus, to: OrderStatus, quantity: u32) {
+        let c = self.counter(from);
+        *c = c.saturating_sub(u64::from(quantity));
+        self.counters_add(to, quantity);
     }
 
     fn hold(&mut self, order: &Order) {
@@ -230,6 +285,7 @@ impl SaleBook {
             created_at: now,
             expires_at: now + Duration::seconds(spec.reservation_ttl_secs),
             paid_at: None,
+            closed_at: None,
             idempotency_key,
         };
         self.hold(&order);
@@ -237,26 +293,33 @@ impl SaleBook {
         if let Some(key) = &order.idempotency_key {
             self.keys.insert((user_id, key.clone()), order.id);
         }
+        self.deadlines.insert((order.expires_at, order.id));
         self.orders.insert(
             order.id,
             Entry {
                 order: order.clone(),
                 durability: Durability::Pending,
+                holds_units: true,
             },
         );
         self.version += 1;
         Ok(Reserved::New(order))
     }
 
-    /// The order log confirmed the order (also for one that was in doubt and
-    /// turned out to be in PostgreSQL). Returns the order when it changed.
+    /// The order log confirmed the order's latest change (also one that was
+    /// in doubt and turned out to be in PostgreSQL). A confirmed cancellation
+    /// or expiry gives its units back now, exactly once. Returns the order.
     pub fn confirm(&mut self, id: Uuid) -> Option<&Order> {
         let e = self.orders.get_mut(&id)?;
-        if e.durability == Durability::Durable {
-            return None;
-        }
         e.durability = Durability::Durable;
-        Some(&e.order)
+        let release = e.holds_units && !e.order.status.holds_units();
+        if release {
+            e.holds_units = false;
+            let order = e.order.clone();
+            self.unhold(&order);
+            self.version += 1;
+        }
+        self.orders.get(&id).map(|e| &e.order)
     }
 
     /// The order's publish failed with its fate unknown: keep its units held.
@@ -274,10 +337,13 @@ impl SaleBook {
     /// is never released this way.
     pub fn release(&mut self, id: Uuid) -> Option<Order> {
         match self.orders.get(&id) {
-            Some(e) if e.durability != Durability::Durable => {}
+            Some(e)
+                if e.durability != Durability::Durable
+                    && e.order.status == OrderStatus::Reserved => {}
             _ => return None,
         }
         let e = self.orders.remove(&id)?;
+        self.deadlines.remove(&(e.order.expires_at, id));
         self.unhold(&e.order);
         self.counters.reserved = self
             .counters
@@ -288,6 +354,85 @@ impl SaleBook {
         }
         self.version += 1;
         Some(e.order)
+    }
+
+    /// Decides a payment or cancellation without changing the book. The
+    /// caller expires due reservations first (`due` + `apply_change`), so a
+    /// reservation past its deadline is already expired here.
+    pub fn plan(
+        &self,
+        id: Uuid,
+        user_id: Uuid,
+        action: Action,
+        now: DateTime<Utc>,
+    ) -> Result<Plan, ActionRefused> {
+        let e = self.orders.get(&id).ok_or(ActionRefused::NotFound)?;
+        if e.order.user_id != user_id {
+            return Err(ActionRefused::NotFound);
+        }
+        let o = &e.order;
+        match (action, o.status) {
+            (Action::Pay, OrderStatus::Paid) | (Action::Cancel, OrderStatus::Cancelled) => {
+                Ok(Plan::Unchanged(o.clone(), e.durability))
+            }
+            (_, OrderStatus::Expired) => Err(ActionRefused::Expired),
+            (Action::Pay, OrderStatus::Cancelled) => Err(ActionRefused::Cancelled),
+            (Action::Cancel, OrderStatus::Paid) => Err(ActionRefused::Paid),
+            (_, OrderStatus::Reserved) if e.durability != Durability::Durable => {
+                Err(ActionRefused::NotDurable)
+            }
+            (_, OrderStatus::Reserved) if now >= o.expires_at => Err(ActionRefused::Expired),
+            (Action::Pay, OrderStatus::Reserved) => Ok(Plan::Change(Order {
+                status: OrderStatus::Paid,
+                paid_at: Some(now),
+                ..o.clone()
+            })),
+            (Action::Cancel, OrderStatus::Reserved) => Ok(Plan::Change(Order {
+                status: OrderStatus::Cancelled,
+                closed_at: Some(now),
+                ..o.clone()
+            })),
+        }
+    }
+
+    /// Durable reservations whose deadline has passed, in their expired
+    /// state, earliest first (at most `limit`). Changes nothing: the caller
+    /// publishes each and then applies it.
+    pub fn due(&self, now: DateTime<Utc>, limit: usize) -> Vec<Order> {
+        self.deadlines
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .filter_map(|(_, id)| self.orders.get(id))
+            .filter(|e| {
+                e.order.status == OrderStatus::Reserved && e.durability == Durability::Durable
+            })
+            .take(limit)
+            .map(|e| Order {
+                status: OrderStatus::Expired,
+                closed_at: Some(now),
+                ..e.order.clone()
+            })
+            .collect()
+    }
+
+    /// Records a decided change (from `plan` or `due`) whose log entry has
+    /// been handed to the order log. The order is pending until `confirm`;
+    /// a release of units happens only then.
+    pub fn apply_change(&mut self, next: Order) {
+        let Some(e) = self.orders.get_mut(&next.id) else {
+            return;
+        };
+        let (from, quantity, deadline) = (e.order.status, e.order.quantity, e.order.expires_at);
+        e.order = next.clone();
+        e.durability = Durability::Pending;
+        self.deadlines.remove(&(deadline, next.id));
+        self.counters_move(from, next.status, quantity);
+        self.version += 1;
+    }
+
+    /// Reservations waiting for their deadline (for status pages).
+    pub fn pending_deadlines(&self) -> usize {
+        self.deadlines.len()
     }
 
     /// Replaces the sale's definition (an admin edit already validated
@@ -479,6 +624,7 @@ mod tests {
             created_at: now,
             expires_at: now + Duration::seconds(60),
             paid_at: None,
+            closed_at: None,
             idempotency_key: key.map(str::to_owned),
         };
         let reserved = mk(OrderStatus::Reserved, 1, Some("a"));
@@ -507,6 +653,155 @@ mod tests {
             Ok(Reserved::Replay(o, Durability::Durable)) => assert_eq!(o.id, reserved.id),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A durable reservation for a fresh user.
+    fn durable(book: &mut SaleBook, now: DateTime<Utc>) -> Order {
+        let o = new_order(book.reserve(Uuid::new_v4(), 1, None, now));
+        book.confirm(o.id);
+        o
+    }
+
+    fn change(p: Result<Plan, ActionRefused>) -> Order {
+        match p {
+            Ok(Plan::Change(o)) => o,
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cancel_returns_units_exactly_once_and_only_when_confirmed() {
+        let mut book = SaleBook::new(sale(1, 1));
+        let now = Utc::now();
+        let o = durable(&mut book, now);
+        assert_eq!(book.stock_left(), 0);
+        let cancelled = change(book.plan(o.id, o.user_id, Action::Cancel, now));
+        assert_eq!(cancelled.status, OrderStatus::Cancelled);
+        assert!(cancelled.closed_at.is_some());
+        book.apply_change(cancelled);
+        // Decided, not yet durable: the unit is still held.
+        assert_eq!(book.stock_left(), 0);
+        assert_eq!(book.counters().cancelled, 1);
+        assert_eq!(book.counters().reserved, 0);
+        book.confirm(o.id);
+        assert_eq!(book.stock_left(), 1);
+        // A second confirm (a redelivered settle) gives nothing back twice.
+        book.confirm(o.id);
+        assert_eq!(book.stock_left(), 1);
+        // Repeating the cancel is harmless; paying it is refused.
+        assert!(matches!(
+            book.plan(o.id, o.user_id, Action::Cancel, now),
+            Ok(Plan::Unchanged(_, Durability::Durable))
+        ));
+        assert_eq!(
+            book.plan(o.id, o.user_id, Action::Pay, now),
+            Err(ActionRefused::Cancelled)
+        );
+        // The same user may buy again.
+        new_order(book.reserve(o.user_id, 1, None, now));
+    }
+
+    #[test]
+    fn expiry_is_ordered_exactly_once_and_loses_to_an_earlier_payment() {
+        let mut book = SaleBook::new(sale(3, 1));
+        let t0 = Utc::now();
+        let a = durable(&mut book, t0);
+        let b = durable(&mut book, t0 + Duration::seconds(1));
+        let c = durable(&mut book, t0 + Duration::seconds(2));
+        // b is paid before its deadline: it never expires.
+        let paid = change(book.plan(b.id, b.user_id, Action::Pay, t0 + Duration::seconds(5)));
+        assert_eq!(paid.paid_at, Some(t0 + Duration::seconds(5)));
+        book.apply_change(paid);
+        book.confirm(b.id);
+        assert!(book
+            .due(a.expires_at - Duration::milliseconds(1), 10)
+            .is_empty());
+        let due = book.due(c.expires_at, 10);
+        assert_eq!(
+            due.iter().map(|o| o.id).collect::<Vec<_>>(),
+            vec![a.id, c.id]
+        );
+        for o in due {
+            book.apply_change(o);
+        }
+        assert!(
+            book.due(c.expires_at, 10).is_empty(),
+            "nothing is due twice"
+        );
+        assert_eq!(book.stock_left(), 0, "units come back on confirm only");
+        book.confirm(a.id);
+        book.confirm(c.id);
+        assert_eq!(book.stock_left(), 2);
+        assert_eq!(
+            book.counters(),
+            BookCounters {
+                reserved: 0,
+                paid: 1,
+                expired: 2,
+                cancelled: 0
+            }
+        );
+        // After its deadline a payment is refused, and a paid order keeps its unit.
+        assert_eq!(
+            book.plan(a.id, a.user_id, Action::Pay, c.expires_at),
+            Err(ActionRefused::Expired)
+        );
+        assert_eq!(
+            book.plan(b.id, b.user_id, Action::Cancel, c.expires_at),
+            Err(ActionRefused::Paid)
+        );
+    }
+
+    #[test]
+    fn actions_are_refused_for_strangers_late_and_not_durable_orders() {
+        let mut book = SaleBook::new(sale(3, 1));
+        let now = Utc::now();
+        let o = durable(&mut book, now);
+        assert_eq!(
+            book.plan(o.id, Uuid::new_v4(), Action::Pay, now),
+            Err(ActionRefused::NotFound)
+        );
+        assert_eq!(
+            book.plan(Uuid::new_v4(), o.user_id, Action::Pay, now),
+            Err(ActionRefused::NotFound)
+        );
+        assert_eq!(
+            book.plan(o.id, o.user_id, Action::Pay, o.expires_at),
+            Err(ActionRefused::Expired)
+        );
+        let pending = new_order(book.reserve(Uuid::new_v4(), 1, None, now));
+        assert_eq!(
+            book.plan(pending.id, pending.user_id, Action::Cancel, now),
+            Err(ActionRefused::NotDurable)
+        );
+        assert!(book
+            .due(pending.expires_at, 10)
+            .iter()
+            .all(|d| d.id != pending.id));
+    }
+
+    #[test]
+    fn restored_reservations_keep_their_deadlines() {
+        let s = sale(5, 1);
+        let now = Utc::now();
+        let past = Order {
+            id: Uuid::now_v7(),
+            sale_id: s.id,
+            user_id: Uuid::new_v4(),
+            quantity: 1,
+            status: OrderStatus::Reserved,
+            created_at: now - Duration::minutes(2),
+            expires_at: now - Duration::minutes(1),
+            paid_at: None,
+            closed_at: None,
+            idempotency_key: None,
+        };
+        let book = SaleBook::restore(s, vec![past.clone()]);
+        assert_eq!(book.stock_left(), 4);
+        let due = book.due(now, 10);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].id, past.id);
+        assert_eq!(due[0].status, OrderStatus::Expired);
     }
 
     #[test]

@@ -57,6 +57,16 @@ pub enum ApiError {
     InvalidTransition(String),
     #[error("{}", rejection_detail(.0))]
     Rejected(Rejection),
+    #[error("the reservation has expired")]
+    ReservationExpired,
+    #[error("the order was cancelled")]
+    OrderCancelled,
+    #[error("the order is paid")]
+    OrderPaid,
+    #[error("{0}")]
+    PaymentDeclined(String),
+    #[error("{0}")]
+    InvalidSignature(&'static str),
     #[error("too many requests are waiting; retry shortly")]
     Overloaded { retry_after_secs: u32 },
     #[error("the service is unavailable: {reason}")]
@@ -95,6 +105,11 @@ impl ApiError {
                 Rejection::SoldOut { .. } => "sold_out",
                 Rejection::LimitReached { .. } => "limit_reached",
             },
+            ApiError::ReservationExpired => "reservation_expired",
+            ApiError::OrderCancelled => "order_cancelled",
+            ApiError::OrderPaid => "order_paid",
+            ApiError::PaymentDeclined(_) => "payment_declined",
+            ApiError::InvalidSignature(_) => "invalid_signature",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -122,6 +137,11 @@ impl ApiError {
                 Rejection::SoldOut { .. } => "Sold out",
                 Rejection::LimitReached { .. } => "Limit reached",
             },
+            ApiError::ReservationExpired => "Reservation expired",
+            ApiError::OrderCancelled => "Order cancelled",
+            ApiError::OrderPaid => "Order paid",
+            ApiError::PaymentDeclined(_) => "Payment declined",
+            ApiError::InvalidSignature(_) => "Invalid signature",
             ApiError::Overloaded { .. } => "Overloaded",
             ApiError::Unavailable { .. } => "Service unavailable",
             ApiError::Internal(_) => "Internal error",
@@ -200,7 +220,12 @@ impl ResponseError for ApiError {
                 StatusCode::NOT_FOUND
             }
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Rejected(_) => StatusCode::CONFLICT,
+            ApiError::Rejected(_)
+            | ApiError::ReservationExpired
+            | ApiError::OrderCancelled
+            | ApiError::OrderPaid => StatusCode::CONFLICT,
+            ApiError::PaymentDeclined(_) => StatusCode::PAYMENT_REQUIRED,
+            ApiError::InvalidSignature(_) => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable { .. } | ApiError::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod openapi;
+pub mod payments;
 pub mod purchases;
 pub mod sales;
 pub mod users;
@@ -28,6 +29,7 @@ use crate::actors::registry::SaleRegistry;
 use crate::actors::stock::StockDeps;
 use crate::auth::{AdminToken, Passwords, TokenKeys};
 use crate::config::SalesSettings;
+use crate::payments::{PaymentProvider, WebhookVerifier};
 use crate::persistence::postgres::Database;
 use crate::persistence::publisher::OrderPublisher;
 use crate::persistence::redis::RedisStore;
@@ -45,6 +47,8 @@ pub struct AppState {
     pub passwords: Passwords,
     pub admin_token: AdminToken,
     pub sales_defaults: SalesSettings,
+    pub payments: Box<dyn PaymentProvider>,
+    pub webhook: WebhookVerifier,
     /// Set once start-up recovery has finished; `/readyz` waits for it.
     pub recovered: AtomicBool,
     /// Set when shutdown begins: purchases are refused from then on.
@@ -196,7 +200,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                         .default_service(web::to(sale_routes)),
                 )
                 .service(resource("/orders").route(web::get().to(purchases::list_orders)))
-                .service(resource("/orders/{id}").route(web::get().to(purchases::get_order))),
+                .service(resource("/orders/{id}").route(web::get().to(purchases::get_order)))
+                .service(resource("/orders/{id}/payment").route(web::post().to(purchases::pay)))
+                .service(resource("/orders/{id}/cancel").route(web::post().to(purchases::cancel)))
+                .service(resource("/payments/webhook").route(web::post().to(payments::webhook))),
         )
         .service(
             web::scope("/admin/v1")

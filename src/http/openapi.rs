@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{error, health, purchases, sales, users};
+use super::{error, health, payments, purchases, sales, users};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -13,6 +13,7 @@ use super::{error, health, purchases, sales, users};
         users::register, users::login,
         sales::list_public, sales::get_public,
         purchases::purchase, purchases::list_orders, purchases::get_order,
+        purchases::pay, purchases::cancel, payments::webhook,
         sales::create, sales::list_admin, sales::get_admin, sales::patch, sales::pause, sales::resume,
         health::healthz, health::readyz, health::openapi,
     ),

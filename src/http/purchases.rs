@@ -19,9 +19,11 @@ use super::error::{ApiError, Problem};
 use super::json::{parse_json, read_body, BodyLimit};
 use super::sales::sale_id;
 use super::AppState;
-use crate::actors::stock::{PurchaseReply, Reserve};
-use crate::domain::order::Order;
+use crate::actors::stock::{ActionReply, OrderAction, PurchaseReply, Reserve};
+use crate::domain::order::{Order, OrderStatus};
+use crate::domain::sale_book::{Action, ActionRefused};
 use crate::domain::ValidationError;
+use crate::payments::{PaymentError, PaymentOutcome};
 
 /// The largest quantity one purchase may ask for (limits are per sale).
 pub const MAX_QUANTITY: i64 = 10_000;
@@ -205,4 +207,161 @@ pub async fn get_order(
         Some(o) if o.user_id == shopper.user_id => Ok(HttpResponse::Ok().json(o)),
         _ => Err(ApiError::OrderNotFound),
     }
+}
+
+/// An order of `user_id` (404 for anyone else's): the directory first, then
+/// PostgreSQL (orders made before this process started).
+async fn owned_order(state: &AppState, user_id: Uuid, raw_id: &str) -> Result<Order, ApiError> {
+    let id = order_id(raw_id)?;
+    let order = match state.registry.orders.get(id) {
+        Some(o) => Some(o),
+        None => state.db.order(id).await?,
+    };
+    order
+        .filter(|o| o.user_id == user_id)
+        .ok_or(ApiError::OrderNotFound)
+}
+
+/// Asks the order's stock actor to pay or cancel it, and waits for the
+/// decision to be durable.
+pub(crate) async fn act(
+    state: &AppState,
+    order: &Order,
+    action: Action,
+) -> Result<(Order, bool), ApiError> {
+    let retry_after_secs = state.retry_after_secs;
+    let handle = state
+        .registry
+        .get(order.sale_id)
+        .ok_or(ApiError::OrderNotFound)?;
+    if !state.accepting_purchases() {
+        return Err(ApiError::Unavailable {
+            reason: "the order log is not accepting changes",
+            retry_after_secs,
+        });
+    }
+    if !handle.shared.admit() {
+        return Err(ApiError::Overloaded { retry_after_secs });
+    }
+    let (tx, rx) = oneshot::channel();
+    let msg = OrderAction {
+        order_id: order.id,
+        user_id: order.user_id,
+        action,
+        reply: tx,
+    };
+    if handle.addr.try_send(msg).is_err() {
+        handle.shared.leave();
+        return Err(ApiError::Unavailable {
+            reason: "the sale is not running",
+            retry_after_secs,
+        });
+    }
+    let unavailable = ApiError::Unavailable {
+        reason: "the change could not be made durable in time",
+        retry_after_secs,
+    };
+    match tokio::time::timeout(state.confirm_timeout, rx).await {
+        Ok(Ok(ActionReply::Done { order, changed })) => Ok((order, changed)),
+        Ok(Ok(ActionReply::Refused(r))) => Err(match r {
+            ActionRefused::NotFound => ApiError::OrderNotFound,
+            ActionRefused::Expired => ApiError::ReservationExpired,
+            ActionRefused::Cancelled => ApiError::OrderCancelled,
+            ActionRefused::Paid => ApiError::OrderPaid,
+            ActionRefused::NotDurable => unavailable,
+        }),
+        Ok(Ok(ActionReply::Overloaded)) => Err(ApiError::Overloaded { retry_after_secs }),
+        Ok(Ok(ActionReply::Unavailable)) | Ok(Err(_)) | Err(_) => Err(unavailable),
+    }
+}
+
+/// Pays an order whose charge the provider approved; refunds the charge if
+/// the payment does not win (expired or cancelled), and, when `charged_here`
+/// (this call took the money), also if another call had paid it already. A
+/// webhook delivered twice reports one charge twice: nothing to refund.
+pub(crate) async fn pay_approved(
+    state: &AppState,
+    order: &Order,
+    charged_here: bool,
+) -> Result<(Order, bool), ApiError> {
+    let result = act(state, order, Action::Pay).await;
+    let refund = match &result {
+        Ok((_, changed)) => !changed && charged_here,
+        Err(ApiError::ReservationExpired | ApiError::OrderCancelled | ApiError::OrderNotFound) => {
+            true
+        }
+        Err(_) => false,
+    };
+    if refund {
+        if let Err(e) = state.payments.refund(order).await {
+            tracing::error!(order_id = %order.id, error = %e, "refund failed; needs attention");
+        }
+    }
+    result
+}
+
+#[utoipa::path(post, path = "/api/v1/orders/{id}/payment", tag = "shoppers",
+    security(("shopper_token" = [])),
+    params(("id" = String, Path, description = "order id")),
+    responses((status = 200, description = "paid (repeating it is harmless)", body = Order),
+        (status = 202, description = "the provider will confirm on the webhook", body = Order),
+        (status = 402, description = "payment_declined", body = Problem),
+        (status = 404, description = "order_not_found", body = Problem),
+        (status = 409, description = "reservation_expired or order_cancelled", body = Problem),
+        (status = 503, description = "overloaded or unavailable", body = Problem)))]
+pub async fn pay(
+    shopper: Shopper,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let order = owned_order(&state, shopper.user_id, &path).await?;
+    match order.status {
+        OrderStatus::Paid => return Ok(HttpResponse::Ok().json(order)),
+        OrderStatus::Cancelled => return Err(ApiError::OrderCancelled),
+        OrderStatus::Expired => return Err(ApiError::ReservationExpired),
+        OrderStatus::Reserved => {}
+    }
+    let sale = state
+        .registry
+        .get(order.sale_id)
+        .ok_or(ApiError::OrderNotFound)?
+        .shared
+        .sale();
+    let amount = sale
+        .spec
+        .price_cents
+        .saturating_mul(i64::from(order.quantity));
+    match state
+        .payments
+        .charge(&order, amount, &sale.spec.currency)
+        .await
+    {
+        Ok(PaymentOutcome::Approved) => {
+            let (order, _) = pay_approved(&state, &order, true).await?;
+            Ok(HttpResponse::Ok().json(order))
+        }
+        Ok(PaymentOutcome::Pending) => Ok(HttpResponse::Accepted().json(order)),
+        Err(PaymentError::Declined(why)) => Err(ApiError::PaymentDeclined(why)),
+        Err(PaymentError::Unavailable(_)) => Err(ApiError::Unavailable {
+            reason: "the payment provider is unavailable",
+            retry_after_secs: state.retry_after_secs,
+        }),
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/orders/{id}/cancel", tag = "shoppers",
+    security(("shopper_token" = [])),
+    params(("id" = String, Path, description = "order id")),
+    responses((status = 200, description = "cancelled, its units back on sale (repeating it is harmless)", body = Order),
+        (status = 404, description = "order_not_found", body = Problem),
+        (status = 409, description = "order_paid or reservation_expired", body = Problem),
+        (status = 503, description = "overloaded or unavailable", body = Problem)))]
+pub async fn cancel(
+    shopper: Shopper,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let order = owned_order(&state, shopper.user_id, &path).await?;
+    let (order, _) = act(&state, &order, Action::Cancel).await?;
+    Ok(HttpResponse::Ok().json(order))
 }

@@ -2,9 +2,13 @@
 //!
 //! One RabbitMQ message carries a batch of entries (group commit). Messages
 //! carry a schema version `v`; a writer refuses a version it does not know
-//! (to the dead-letter queue) rather than guess. Applying a message is
-//! idempotent: inserts are keyed on the order id (`ON CONFLICT DO NOTHING`),
-//! so a redelivered message changes nothing.
+//! (to the dead-letter queue) rather than guess.
+//!
+//! Every entry carries the whole order in its new state, and is applied as
+//! one upsert keyed on the order id that only ever moves an order *out of*
+//! `reserved`. So applying is idempotent (a redelivered message changes
+//! nothing) and order-independent: with several writers a payment may reach
+//! PostgreSQL before its reservation, and the row still ends `paid`.
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::error::SqlState;
@@ -27,13 +31,19 @@ pub struct LogMessage {
 pub enum LogEntry {
     /// A new reservation (status `reserved`).
     Reserve { order: Order },
+    /// A reservation paid, cancelled or expired (the order in its new state).
+    Transition { order: Order },
 }
 
 impl LogEntry {
-    pub fn order_id(&self) -> uuid::Uuid {
+    pub fn order(&self) -> &Order {
         match self {
-            LogEntry::Reserve { order } => order.id,
+            LogEntry::Reserve { order } | LogEntry::Transition { order } => order,
         }
+    }
+
+    pub fn order_id(&self) -> uuid::Uuid {
+        self.order().id
     }
 }
 
@@ -90,27 +100,27 @@ fn classify(e: tokio_postgres::Error) -> ApplyError {
     }
 }
 
-/// Applies every entry of a message in one transaction; returns the rows
-/// inserted (a replayed message inserts none).
+/// Applies every entry of a message in one transaction with one statement;
+/// returns the rows inserted or moved (a replayed message moves none).
 pub async fn apply(
     client: &mut tokio_postgres::Client,
     msg: &LogMessage,
 ) -> Result<u64, ApplyError> {
+    // One row per order, its latest state (a row may be touched only once
+    // per statement), sorted by id so concurrent writers lock in one order.
+    let mut latest: std::collections::BTreeMap<uuid::Uuid, &Order> = Default::default();
+    for e in &msg.entries {
+        let o = e.order();
+        latest.insert(o.id, o);
+    }
+    let orders: Vec<&Order> = latest.into_values().collect();
     let tx = client.transaction().await.map_err(classify)?;
-    let reserves: Vec<&Order> = msg
-        .entries
-        .iter()
-        .map(|e| match e {
-            LogEntry::Reserve { order } => order,
-        })
-        .collect();
-    let inserted = insert_reserved(&tx, &reserves).await.map_err(classify)?;
+    let changed = upsert(&tx, &orders).await.map_err(classify)?;
     tx.commit().await.map_err(classify)?;
-    Ok(inserted)
+    Ok(changed)
 }
 
-/// One statement for the whole batch: arrays unnested into rows.
-async fn insert_reserved<C: GenericClient>(
+async fn upsert<C: GenericClient>(
     client: &C,
     orders: &[&Order],
 ) -> Result<u64, tokio_postgres::Error> {
@@ -124,20 +134,23 @@ async fn insert_reserved<C: GenericClient>(
         .iter()
         .map(|o| i32::try_from(o.quantity).unwrap_or(i32::MAX))
         .collect();
+    let status: Vec<&str> = orders.iter().map(|o| o.status.as_str()).collect();
     let keys: Vec<Option<&str>> = orders
         .iter()
         .map(|o| o.idempotency_key.as_deref())
         .collect();
     let created: Vec<_> = orders.iter().map(|o| o.created_at).collect();
     let expires: Vec<_> = orders.iter().map(|o| o.expires_at).collect();
+    let paid: Vec<_> = orders.iter().map(|o| o.paid_at).collect();
+    let closed: Vec<_> = orders.iter().map(|o| o.closed_at).collect();
     client
         .execute(
-            "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at) \
-             SELECT i, s, u, q, 'reserved', k, c, e \
-             FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::timestamptz[], $7::timestamptz[]) \
-               AS t(i, s, u, q, k, c, e) \
-             ON CONFLICT DO NOTHING",
-            &[&ids, &sales, &users, &qty, &keys, &created, &expires],
+            "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at) \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[], \
+                                  $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[]) \
+             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, paid_at = EXCLUDED.paid_at, closed_at = EXCLUDED.closed_at \
+             WHERE orders.status = 'reserved' AND EXCLUDED.status <> 'reserved'",
+            &[&ids, &sales, &users, &qty, &status, &keys, &created, &expires, &paid, &closed],
         )
         .await
 }
@@ -161,6 +174,7 @@ mod tests {
             created_at: Utc::now(),
             expires_at: Utc::now(),
             paid_at: None,
+            closed_at: None,
             idempotency_key: Some("k".into()),
         };
         let entries = vec![LogEntry::Reserve { order }];

@@ -335,7 +335,7 @@ impl Database {
 
 const ORDER_COLUMNS: &str =
     "SELECT id, sale_id, user_id, quantity, status, created_at, expires_at, \
-     paid_at, idempotency_key FROM orders";
+     paid_at, idempotency_key, closed_at FROM orders";
 
 fn order_from_row(row: &Row) -> Option<Order> {
     Some(Order {
@@ -348,6 +348,7 @@ fn order_from_row(row: &Row) -> Option<Order> {
         expires_at: row.get(6),
         paid_at: row.get(7),
         idempotency_key: row.get(8),
+        closed_at: row.get(9),
     })
 }
 

@@ -267,7 +267,13 @@ async fn run(
         };
 
         if !in_doubt.borrow().is_empty() && !stopping {
-            resolve_in_doubt(&in_doubt, current, &deps, &stats).await;
+            if resolve_in_doubt(&in_doubt, current, &deps, &stats, &permits)
+                .await
+                .is_err()
+            {
+                link = None;
+                continue;
+            }
         }
 
         // Wait for the first entry of a batch (or a reason to look around).
@@ -295,64 +301,11 @@ async fn run(
             }
         }
 
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
-        stats.unconfirmed_batches.fetch_add(1, Ordering::Relaxed);
-        let entries: Vec<LogEntry> = batch.iter().map(|r| r.entry.clone()).collect();
-        let payload = encode(&entries);
-        let started = Instant::now();
-        let published = current
-            .channel
-            .basic_publish(
-                "".into(),
-                deps.rabbit.queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &payload,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into()),
-            )
-            .await;
-        match published {
-            Ok(confirm) => {
-                let stats = stats.clone();
-                let in_doubt = in_doubt.clone();
-                actix::spawn(async move {
-                    let outcome = confirm.await;
-                    drop(permit);
-                    stats.unconfirmed_batches.fetch_sub(1, Ordering::Relaxed);
-                    match outcome {
-                        Ok(c) if c.is_ack() => {
-                            stats
-                                .last_confirm_us
-                                .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                            stats.batches_confirmed.fetch_add(1, Ordering::Relaxed);
-                            stats
-                                .entries_confirmed
-                                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                            notify(&batch, |s| &mut s.confirmed);
-                        }
-                        other => {
-                            let reason = match other {
-                                Ok(_) => "negative confirm".to_owned(),
-                                Err(e) => e.to_string(),
-                            };
-                            tracing::error!(error = %reason, entries = batch.len(), "order-log batch not confirmed; its orders are in doubt");
-                            stats.set_error(&reason);
-                            mark_in_doubt(batch, &in_doubt, &stats);
-                        }
-                    }
-                });
-            }
-            Err(e) => {
-                drop(permit);
-                stats.unconfirmed_batches.fetch_sub(1, Ordering::Relaxed);
-                tracing::error!(error = %e, entries = batch.len(), "order-log publish failed; its orders are in doubt");
-                stats.set_error(&e);
-                mark_in_doubt(batch, &in_doubt, &stats);
-                link = None;
-            }
+        if publish(batch, current, &deps, &stats, &permits, &in_doubt)
+            .await
+            .is_err()
+        {
+            link = None;
         }
     }
 
@@ -369,6 +322,78 @@ async fn run(
     stats.connected.store(false, Ordering::Release);
     if let Some(l) = link {
         let _ = l.conn.close(200, "shutdown".into()).await;
+    }
+}
+
+/// Publishes one batch as one persistent message and spawns the wait for its
+/// confirm (bounded by the permits). `Err` when the channel failed.
+async fn publish(
+    batch: Vec<PublishRequest>,
+    link: &Link,
+    deps: &PublisherDeps,
+    stats: &Arc<PublisherStats>,
+    permits: &Arc<Semaphore>,
+    in_doubt: &Pending,
+) -> Result<(), ()> {
+    let Ok(permit) = permits.clone().acquire_owned().await else {
+        return Err(());
+    };
+    stats.unconfirmed_batches.fetch_add(1, Ordering::Relaxed);
+    let entries: Vec<LogEntry> = batch.iter().map(|r| r.entry.clone()).collect();
+    let payload = encode(&entries);
+    let started = Instant::now();
+    let published = link
+        .channel
+        .basic_publish(
+            "".into(),
+            deps.rabbit.queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &payload,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into()),
+        )
+        .await;
+    match published {
+        Ok(confirm) => {
+            let stats = stats.clone();
+            let in_doubt = in_doubt.clone();
+            actix::spawn(async move {
+                let outcome = confirm.await;
+                drop(permit);
+                stats.unconfirmed_batches.fetch_sub(1, Ordering::Relaxed);
+                match outcome {
+                    Ok(c) if c.is_ack() => {
+                        stats
+                            .last_confirm_us
+                            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        stats.batches_confirmed.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .entries_confirmed
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        notify(&batch, |s| &mut s.confirmed);
+                    }
+                    other => {
+                        let reason = match other {
+                            Ok(_) => "negative confirm".to_owned(),
+                            Err(e) => e.to_string(),
+                        };
+                        tracing::error!(error = %reason, entries = batch.len(), "order-log batch not confirmed; its entries are in doubt");
+                        stats.set_error(&reason);
+                        mark_in_doubt(batch, &in_doubt, &stats);
+                    }
+                }
+            });
+            Ok(())
+        }
+        Err(e) => {
+            drop(permit);
+            stats.unconfirmed_batches.fetch_sub(1, Ordering::Relaxed);
+            tracing::error!(error = %e, entries = batch.len(), "order-log publish failed; its entries are in doubt");
+            stats.set_error(&e);
+            mark_in_doubt(batch, in_doubt, stats);
+            Err(())
+        }
     }
 }
 
@@ -392,15 +417,35 @@ fn release_queued(rx: &mut mpsc::Receiver<PublishRequest>, stats: &PublisherStat
     }
 }
 
-/// With the broker back: once the queue has drained into PostgreSQL, decide
-/// each in-doubt order there. Undecided ones (database down) wait for the
-/// next round.
+/// With the broker back. Transitions (payments, cancellations, expiries)
+/// were decided by their actor and are idempotent: they are published again.
+/// Reservations are decided in PostgreSQL once the queue has drained into
+/// it: kept if there, voided and released if not. Undecided ones (database
+/// down) wait for the next round.
 async fn resolve_in_doubt(
     pending: &Pending,
     link: &Link,
     deps: &PublisherDeps,
-    stats: &PublisherStats,
-) {
+    stats: &Arc<PublisherStats>,
+    permits: &Arc<Semaphore>,
+) -> Result<(), ()> {
+    let (transitions, reservations): (Vec<_>, Vec<_>) = std::mem::take(&mut *pending.borrow_mut())
+        .into_iter()
+        .partition(|r| matches!(r.entry, LogEntry::Transition { .. }));
+    if !transitions.is_empty() {
+        stats
+            .in_doubt
+            .fetch_sub(transitions.len(), Ordering::Relaxed);
+        tracing::info!(
+            entries = transitions.len(),
+            "publishing in-doubt transitions again"
+        );
+        publish(transitions, link, deps, stats, permits, pending).await?;
+    }
+    if reservations.is_empty() {
+        return Ok(());
+    }
+    pending.borrow_mut().extend(reservations);
     if !wait_drained(
         &link.channel,
         &deps.rabbit.queue,
@@ -409,14 +454,14 @@ async fn resolve_in_doubt(
     )
     .await
     {
-        return;
+        return Ok(());
     }
     let list: Vec<PublishRequest> = std::mem::take(&mut *pending.borrow_mut());
     let mut kept = Vec::new();
     let mut released = Vec::new();
     let mut undecided = Vec::new();
     for req in list {
-        let LogEntry::Reserve { order } = &req.entry;
+        let order = req.entry.order();
         match deps.db.void_if_absent(order).await {
             Ok(true) => released.push(req),
             Ok(false) => kept.push(req),
@@ -441,4 +486,5 @@ async fn resolve_in_doubt(
     notify(&kept, |s| &mut s.confirmed);
     notify(&released, |s| &mut s.released);
     pending.borrow_mut().extend(undecided);
+    Ok(())
 }
