@@ -266,14 +266,14 @@ async fn run(
             continue;
         };
 
-        if !in_doubt.borrow().is_empty() && !stopping {
-            if resolve_in_doubt(&in_doubt, current, &deps, &stats, &permits)
+        if !in_doubt.borrow().is_empty()
+            && !stopping
+            && resolve_in_doubt(&in_doubt, current, &deps, &stats, &permits)
                 .await
                 .is_err()
-            {
-                link = None;
-                continue;
-            }
+        {
+            link = None;
+            continue;
         }
 
         // Wait for the first entry of a batch (or a reason to look around).
