@@ -491,3 +491,90 @@ pub async fn queue_depth(settings: &Settings, queue: &str) -> u32 {
     let _ = conn.close(200, "done".into()).await;
     depth
 }
+
+impl TestApp {
+    /// Stops the server gracefully and keeps its database, queues and keys,
+    /// for a test that starts another app on the same world.
+    pub async fn stop(self) -> Settings {
+        self.shutdown.stop();
+        let _ = self.server.await;
+        self.settings
+    }
+
+    /// POST without a body or with one; returns the status and the body.
+    pub async fn call(&self, path: &str, token: &str) -> (u16, Value) {
+        let res = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or_default())
+    }
+
+    /// The admin view of a sale.
+    pub async fn admin_sale(&self, sale_id: &str) -> Value {
+        self.get(&format!("/admin/v1/sales/{sale_id}"), Some(ADMIN_TOKEN))
+            .await
+            .json()
+            .await
+            .unwrap_or_default()
+    }
+}
+
+/// Units by status in PostgreSQL for a sale, as (reserved, paid, expired, cancelled).
+pub async fn stored_counters(
+    client: &tokio_postgres::Client,
+    sale_id: Uuid,
+) -> (i64, i64, i64, i64) {
+    let rows = client
+        .query(
+            "SELECT status, SUM(quantity)::BIGINT FROM orders WHERE sale_id = $1 GROUP BY status",
+            &[&sale_id],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut c = (0, 0, 0, 0);
+    for r in rows {
+        let units: i64 = r.get(1);
+        match r.get::<_, &str>(0) {
+            "reserved" => c.0 = units,
+            "paid" => c.1 = units,
+            "expired" => c.2 = units,
+            "cancelled" => c.3 = units,
+            _ => {}
+        }
+    }
+    c
+}
+
+/// Waits (bounded) until PostgreSQL's counters for the sale equal the admin
+/// view's, then checks the stock adds up; returns the admin view.
+pub async fn assert_counters_match(app: &TestApp, sale_id: &str) -> Value {
+    let db = db_client(&app.settings).await;
+    let id = Uuid::parse_str(sale_id).unwrap_or_else(|e| panic!("{e}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let view = app.admin_sale(sale_id).await;
+        let admin = (
+            view["reserved"].as_i64().unwrap_or(-1),
+            view["paid"].as_i64().unwrap_or(-1),
+            view["expired"].as_i64().unwrap_or(-1),
+            view["cancelled"].as_i64().unwrap_or(-1),
+        );
+        let stored = stored_counters(&db, id).await;
+        let total = view["stock_total"].as_i64().unwrap_or(0);
+        let left = view["stock_left"].as_i64().unwrap_or(0);
+        if admin == stored && left + admin.0 + admin.1 == total {
+            assert_sale_invariants(&db, id).await;
+            return view;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "admin {admin:?} vs PostgreSQL {stored:?}, left {left} of {total}"
+        );
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

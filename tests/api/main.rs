@@ -7,6 +7,7 @@ mod admin_sales;
 mod config;
 mod crash;
 mod http_conventions;
+mod lifecycle;
 mod pipeline;
 mod proxy;
 mod purchases;
