@@ -19,6 +19,7 @@ pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod metrics;
 pub mod payments;
 pub mod persistence;
 pub mod startup;

@@ -29,10 +29,12 @@ use crate::domain::order::Order;
 use crate::domain::sale_book::SaleBook;
 use crate::http::json::BodyLimit;
 use crate::http::{self, AppState};
+use crate::metrics::{Metrics, StateCollector};
 use crate::persistence::postgres::Database;
 use crate::persistence::publisher::{OrderPublisher, PublisherDeps};
 use crate::persistence::redis::RedisStore;
 use crate::persistence::{rabbit, redact_url, Unreachable};
+use prometheus_client::registry::Registry;
 
 /// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +87,10 @@ impl Application {
         // Recovery, step 1: whatever the order log still holds goes into
         // PostgreSQL before any book is built from it.
         let writer_stats = Arc::new(WriterStats::default());
+        let mut metrics_registry = Registry::with_prefix(crate::metrics::name::PREFIX);
+        let metrics = Metrics::register(&mut metrics_registry);
         let writer_config = WriterConfig {
+            metrics: metrics.clone(),
             rabbit: settings.rabbitmq.clone(),
             orders: settings.orders.clone(),
             database: tokio_postgres::Config::from_str(settings.database.url.expose_secret())
@@ -108,6 +113,7 @@ impl Application {
                 orders: settings.orders.clone(),
                 db: db.clone(),
                 writers: writer_stats.clone(),
+                metrics: metrics.clone(),
             },
         );
         let registry = Arc::new(SaleRegistry::default());
@@ -133,6 +139,11 @@ impl Application {
             })
             .collect();
 
+        metrics_registry.register_collector(Box::new(StateCollector {
+            sales: registry.clone(),
+            publisher: publisher.clone(),
+            writers: writer_stats.clone(),
+        }));
         let passwords = Passwords::new(&settings.auth)
             .map_err(|e| StartupError::Config(format!("auth.argon2_*: {e}")))?;
         let state = web::Data::new(AppState {
@@ -147,6 +158,9 @@ impl Application {
             admin_token: AdminToken::new(settings.auth.admin_token.clone()),
             sales_defaults: settings.sales.clone(),
             payments: crate::payments::provider(&settings.payments),
+            metrics,
+            metrics_registry,
+            writer_pool_size: settings.orders.writers,
             webhook: crate::payments::WebhookVerifier::new(&settings.payments),
             recovered: AtomicBool::new(false),
             stopping: AtomicBool::new(false),

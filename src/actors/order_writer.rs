@@ -20,6 +20,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
+use tracing::Instrument;
 
 use crate::config::{OrderSettings, RabbitSettings};
 use crate::persistence::order_log::{self, ApplyError};
@@ -57,6 +58,7 @@ pub struct WriterConfig {
     pub rabbit: RabbitSettings,
     pub orders: OrderSettings,
     pub database: tokio_postgres::Config,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub struct OrderWriter {
@@ -162,6 +164,7 @@ impl StreamHandler<lapin::Result<Delivery>> for OrderWriter {
         // `wait`: one delivery at a time per writer, in the order received.
         ctx.wait(
             async move { write_delivery(client, &config, &stats, delivery).await }
+                .instrument(tracing::debug_span!("order_writer", writer = self.index))
                 .into_actor(self)
                 .map(|client, act, _| {
                     act.client = client;
@@ -235,6 +238,7 @@ pub async fn write_delivery(
             return client;
         }
     };
+    tracing::debug!(entries = msg.entries.len(), "writing order-log message");
     let mut backoff = Duration::from_millis(config.orders.retry_initial_ms.max(1));
     let max = Duration::from_millis(config.orders.retry_max_ms);
     loop {
@@ -255,6 +259,10 @@ pub async fn write_delivery(
         let started = std::time::Instant::now();
         match order_log::apply(c, &msg).await {
             Ok(rows) => {
+                config
+                    .metrics
+                    .writer_batch_latency
+                    .observe(started.elapsed().as_secs_f64());
                 stats
                     .last_batch_us
                     .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);

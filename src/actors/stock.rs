@@ -56,6 +56,8 @@ pub struct Reserve {
     pub quantity: u32,
     pub idempotency_key: Option<String>,
     pub reply: oneshot::Sender<PurchaseReply>,
+    /// The request's span: the actor's work is logged inside it.
+    pub span: tracing::Span,
 }
 
 /// The answer to a payment or cancellation.
@@ -81,6 +83,8 @@ pub struct OrderAction {
     pub user_id: Uuid,
     pub action: Action,
     pub reply: oneshot::Sender<ActionReply>,
+    /// The request's span: the actor's work is logged inside it.
+    pub span: tracing::Span,
 }
 
 /// An admin change to the sale's definition.
@@ -321,7 +325,9 @@ impl Handler<Reserve> for StockActor {
             quantity,
             idempotency_key,
             reply,
+            span,
         } = msg;
+        let _span = tracing::debug_span!(parent: &span, "stock_actor", op = "reserve").entered();
         match self
             .book
             .reserve(user_id, quantity, idempotency_key, Utc::now())
@@ -382,7 +388,9 @@ impl Handler<OrderAction> for StockActor {
             user_id,
             action,
             reply,
+            span,
         } = msg;
+        let _span = tracing::debug_span!(parent: &span, "stock_actor", op = ?action).entered();
         match self.book.plan(order_id, user_id, action, Utc::now()) {
             Err(ActionRefused::NotDurable) => {
                 let _ = reply.send(ActionReply::Unavailable);

@@ -4,6 +4,7 @@
 //! Handlers are thin: they authenticate, validate, call the domain, the
 //! actors or the stores, and shape the answer. They never decide stock.
 
+pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod health;
@@ -29,6 +30,7 @@ use crate::actors::registry::SaleRegistry;
 use crate::actors::stock::StockDeps;
 use crate::auth::{AdminToken, Passwords, TokenKeys};
 use crate::config::SalesSettings;
+use crate::metrics::{route_label, HttpLabels, Metrics, RouteLabels};
 use crate::payments::{PaymentProvider, WebhookVerifier};
 use crate::persistence::postgres::Database;
 use crate::persistence::publisher::OrderPublisher;
@@ -49,6 +51,10 @@ pub struct AppState {
     pub sales_defaults: SalesSettings,
     pub payments: Box<dyn PaymentProvider>,
     pub webhook: WebhookVerifier,
+    pub metrics: Arc<Metrics>,
+    /// Read by `/metrics`; nothing registers after start-up.
+    pub metrics_registry: prometheus_client::registry::Registry,
+    pub writer_pool_size: usize,
     /// Set once start-up recovery has finished; `/readyz` waits for it.
     pub recovered: AtomicBool,
     /// Set when shutdown begins: purchases are refused from then on.
@@ -122,12 +128,34 @@ where
         method = %req.method(),
         path = %req.path(),
         request_id = %id,
+        sale_id = tracing::field::Empty,
+        status = tracing::field::Empty,
+        code = tracing::field::Empty,
     );
     req.extensions_mut().insert(RequestId(id.clone()));
+    let metrics = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.metrics.clone());
+    let route = route_label(req.path());
+    let method = method_label(req.method());
+    let started = std::time::Instant::now();
     let fut = srv.call(req);
     async move {
         let mut res = fut.await?;
         let status = res.status();
+        tracing::Span::current().record("status", status.as_u16());
+        if let Some(m) = metrics {
+            m.http_requests
+                .get_or_create(&HttpLabels {
+                    route,
+                    method,
+                    status: status.as_u16(),
+                })
+                .inc();
+            m.http_request_duration
+                .get_or_create(&RouteLabels { route, method })
+                .observe(started.elapsed().as_secs_f64());
+        }
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), "request failed");
         } else {
@@ -139,6 +167,18 @@ where
         Ok(res)
     }
     .instrument(span)
+}
+
+fn method_label(m: &actix_web::http::Method) -> &'static str {
+    match m.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PATCH" => "PATCH",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        _ => "other",
+    }
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {
@@ -172,13 +212,30 @@ async fn sale_routes(
     if id.is_empty() {
         return Err(ApiError::NotFound);
     }
+    tracing::Span::current().record("sale_id", id);
     match rest {
         (None, _) if req.method() == actix_web::http::Method::GET => {
             sales::get_public(&state, id).await
         }
         (Some("purchases"), None) if req.method() == actix_web::http::Method::POST => {
-            let shopper = <auth::Shopper as actix_web::FromRequest>::extract(&req).await?;
-            purchases::purchase(shopper, &state, id, &req, payload.into_inner()).await
+            let result = match <auth::Shopper as actix_web::FromRequest>::extract(&req).await {
+                Ok(shopper) => {
+                    purchases::purchase(shopper, &state, id, &req, payload.into_inner()).await
+                }
+                Err(e) => Err(e),
+            };
+            let outcome = match &result {
+                Ok(r) if r.status() == actix_web::http::StatusCode::CREATED => "created",
+                Ok(_) => "replayed",
+                Err(e) => e.code(),
+            };
+            tracing::Span::current().record("code", outcome);
+            state
+                .metrics
+                .purchases
+                .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+                .inc();
+            result
         }
         (None, _) | (Some("purchases"), None) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
@@ -188,6 +245,7 @@ async fn sale_routes(
 /// Every route of the server.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/healthz").route(web::get().to(health::healthz)))
+        .service(resource("/metrics").route(web::get().to(admin::metrics)))
         .service(resource("/readyz").route(web::get().to(health::readyz)))
         .service(resource("/openapi.json").route(web::get().to(health::openapi)))
         .service(
@@ -217,6 +275,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                         .route(web::get().to(sales::get_admin))
                         .route(web::patch().to(sales::patch)),
                 )
+                .service(resource("/actors").route(web::get().to(admin::actors)))
                 .service(resource("/sales/{id}/pause").route(web::post().to(sales::pause)))
                 .service(resource("/sales/{id}/resume").route(web::post().to(sales::resume))),
         )

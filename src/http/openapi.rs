@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{error, health, payments, purchases, sales, users};
+use super::{admin, error, health, payments, purchases, sales, users};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -15,6 +15,7 @@ use super::{error, health, payments, purchases, sales, users};
         purchases::purchase, purchases::list_orders, purchases::get_order,
         purchases::pay, purchases::cancel, payments::webhook,
         sales::create, sales::list_admin, sales::get_admin, sales::patch, sales::pause, sales::resume,
+        admin::actors, admin::metrics,
         health::healthz, health::readyz, health::openapi,
     ),
     components(schemas(error::Problem)),

@@ -23,6 +23,7 @@ use crate::actors::stock::{ActionReply, OrderAction, PurchaseReply, Reserve};
 use crate::domain::order::{Order, OrderStatus};
 use crate::domain::sale_book::{Action, ActionRefused};
 use crate::domain::ValidationError;
+use crate::metrics::ActionLabels;
 use crate::payments::{PaymentError, PaymentOutcome};
 
 /// The largest quantity one purchase may ask for (limits are per sale).
@@ -131,6 +132,7 @@ pub async fn purchase(
         quantity,
         idempotency_key: key,
         reply: tx,
+        span: tracing::Span::current(),
     };
     if !handle.shared.admit() {
         return Err(ApiError::Overloaded { retry_after_secs });
@@ -249,6 +251,7 @@ pub(crate) async fn act(
         user_id: order.user_id,
         action,
         reply: tx,
+        span: tracing::Span::current(),
     };
     if handle.addr.try_send(msg).is_err() {
         handle.shared.leave();
@@ -261,7 +264,7 @@ pub(crate) async fn act(
         reason: "the change could not be made durable in time",
         retry_after_secs,
     };
-    match tokio::time::timeout(state.confirm_timeout, rx).await {
+    let result = match tokio::time::timeout(state.confirm_timeout, rx).await {
         Ok(Ok(ActionReply::Done { order, changed })) => Ok((order, changed)),
         Ok(Ok(ActionReply::Refused(r))) => Err(match r {
             ActionRefused::NotFound => ApiError::OrderNotFound,
@@ -272,7 +275,22 @@ pub(crate) async fn act(
         }),
         Ok(Ok(ActionReply::Overloaded)) => Err(ApiError::Overloaded { retry_after_secs }),
         Ok(Ok(ActionReply::Unavailable)) | Ok(Err(_)) | Err(_) => Err(unavailable),
-    }
+    };
+    let outcome = match &result {
+        Ok((_, true)) => "done",
+        Ok((_, false)) => "repeated",
+        Err(e) => e.code(),
+    };
+    let action = match action {
+        Action::Pay => "pay",
+        Action::Cancel => "cancel",
+    };
+    state
+        .metrics
+        .order_actions
+        .get_or_create(&ActionLabels { action, outcome })
+        .inc();
+    result
 }
 
 /// Pays an order whose charge the provider approved; refunds the charge if

@@ -77,6 +77,8 @@ pub struct PublisherStats {
     pub released: AtomicU64,
     pub last_confirm_us: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Messages ready in the order queue, sampled about once a second.
+    pub queue_depth: std::sync::atomic::AtomicU32,
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -106,6 +108,7 @@ pub struct PublisherDeps {
     pub orders: OrderSettings,
     pub db: Database,
     pub writers: Arc<WriterStats>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl OrderPublisher {
@@ -226,6 +229,7 @@ async fn run(
     let initial_backoff = Duration::from_millis(cfg.reconnect_initial_ms.max(1));
     let mut backoff = initial_backoff;
     let max_delay = Duration::from_micros(cfg.batch_max_delay_us);
+    let mut depth_sampled = Instant::now() - Duration::from_secs(10);
 
     loop {
         let stopping = *stop.borrow();
@@ -265,6 +269,12 @@ async fn run(
         let Some(current) = link.as_ref() else {
             continue;
         };
+        if depth_sampled.elapsed() >= Duration::from_secs(1) {
+            depth_sampled = Instant::now();
+            if let Ok(d) = rabbit::queue_depth(&current.channel, &deps.rabbit.queue).await {
+                stats.queue_depth.store(d, Ordering::Relaxed);
+            }
+        }
 
         if !in_doubt.borrow().is_empty()
             && !stopping
@@ -339,6 +349,7 @@ async fn publish(
         return Err(());
     };
     stats.unconfirmed_batches.fetch_add(1, Ordering::Relaxed);
+    deps.metrics.batch_size.observe(batch.len() as f64);
     let entries: Vec<LogEntry> = batch.iter().map(|r| r.entry.clone()).collect();
     let payload = encode(&entries);
     let started = Instant::now();
@@ -358,12 +369,16 @@ async fn publish(
         Ok(confirm) => {
             let stats = stats.clone();
             let in_doubt = in_doubt.clone();
+            let metrics = deps.metrics.clone();
             actix::spawn(async move {
                 let outcome = confirm.await;
                 drop(permit);
                 stats.unconfirmed_batches.fetch_sub(1, Ordering::Relaxed);
                 match outcome {
                     Ok(c) if c.is_ack() => {
+                        metrics
+                            .confirm_latency
+                            .observe(started.elapsed().as_secs_f64());
                         stats
                             .last_confirm_us
                             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);

@@ -8,6 +8,7 @@ mod config;
 mod crash;
 mod http_conventions;
 mod lifecycle;
+mod observability;
 mod pipeline;
 mod proxy;
 mod purchases;
