@@ -71,8 +71,11 @@ DEPTH_PID=$!
 RSS_MAX=0
 ( while sleep 1; do ps -o rss= -p $SERVER_PID; done ) > "$WORK/rss.txt" &
 RSS_PID=$!
+# An operator polling the actor status every second during the run.
+( while sleep 1; do curl -s -o /dev/null -w '%{time_total}\n' -H "$ADMIN" "$BASE/admin/v1/actors"; done ) > "$WORK/poll.txt" &
+POLL_PID=$!
 run_wrk reserve "$SECONDS_RESERVE" "$RESERVE_CONNECTIONS" -s load-tests/wrk/purchase.lua "$BASE" -- "/api/v1/sales/$AMPLE/purchases" "$WORK/tokens.txt"
-kill $DEPTH_PID $RSS_PID 2>/dev/null || true
+kill $DEPTH_PID $RSS_PID $POLL_PID 2>/dev/null || true
 
 # Graceful stop drains the log; then PostgreSQL must hold every 201.
 kill -TERM $SERVER_PID; wait $SERVER_PID || true
@@ -107,6 +110,7 @@ REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
   echo "- Sold-out check run (3 s, 20,000 rotating buyers, $(rps soldout-count) req/s with wrk's per-request Lua): ${SOLDOUT_409:-0} answers 409, $SOLDOUT_OTHER others."
   echo "- Order queue depth during the reservation run (sampled every 2 s): max $DEPTH_MAX, last $DEPTH_LAST."
   echo "- Server resident memory peak: $(( ${RSS_PEAK:-0} / 1024 )) MiB."
+  echo "- GET /admin/v1/actors polled every second during the reservation run: $(wc -l < "$WORK/poll.txt") polls, slowest $(sort -n "$WORK/poll.txt" | tail -n1) s."
   echo
   echo "Answers by status in the reservation run:"
   echo
