@@ -25,6 +25,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub rabbitmq: RabbitSettings,
+    pub limits: LimitSettings,
+    pub breakers: BreakerSettings,
     pub stock: StockSettings,
     pub orders: OrderSettings,
     pub auth: AuthSettings,
@@ -76,6 +78,24 @@ pub struct RabbitSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    pub per_ip_per_second: u32,
+    pub per_ip_burst: u32,
+    pub purchases_per_user_per_second: u32,
+    pub purchases_per_user_burst: u32,
+    pub trusted_proxies: Vec<String>,
+    pub evict_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    pub failure_threshold: u32,
+    pub open_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StockSettings {
     pub mailbox_capacity: usize,
     pub snapshot_interval_ms: u64,
@@ -105,6 +125,7 @@ pub struct OrderSettings {
     pub batch_max_delay_us: u64,
     pub max_unconfirmed_batches: usize,
     pub publish_queue_capacity: usize,
+    pub max_queue_depth: u32,
     pub confirm_timeout_ms: u64,
     pub writers: usize,
     pub writer_prefetch: u16,

@@ -16,6 +16,7 @@
 
 pub mod actors;
 pub mod auth;
+pub mod breaker;
 pub mod config;
 pub mod domain;
 pub mod http;

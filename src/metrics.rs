@@ -58,6 +58,8 @@ pub mod name {
     pub const WRITER_ROWS: &str = "order_writer_rows";
     pub const WRITER_RETRIES: &str = "order_writer_retries";
     pub const DEAD_LETTERS: &str = "order_writer_dead_letters";
+    pub const BREAKER_STATE: &str = "circuit_breaker_state";
+    pub const BREAKER_FAILURES: &str = "circuit_breaker_failures";
     pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
     pub const PROCESS_FDS: &str = "process_open_fds";
 }
@@ -84,6 +86,11 @@ pub struct OutcomeLabels {
 pub struct ActionLabels {
     pub action: &'static str,
     pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DependencyLabels {
+    dependency: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -216,6 +223,7 @@ pub struct StateCollector {
     pub sales: Arc<SaleRegistry>,
     pub publisher: OrderPublisher,
     pub writers: Arc<WriterStats>,
+    pub breakers: Arc<crate::breaker::Breakers>,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -455,6 +463,33 @@ impl Collector for StateCollector {
             "Messages that could never be written, sent to the dead-letter queue",
             w.dead_letters.load(Ordering::Relaxed),
         )?;
+
+        {
+            let g = ConstGauge::new(0i64);
+            let mut fam = e.encode_descriptor(
+                name::BREAKER_STATE,
+                "Circuit breaker per dependency: 0 closed, 1 half-open, 2 open",
+                None,
+                g.metric_type(),
+            )?;
+            for (dependency, b) in self.breakers.all() {
+                ConstGauge::new(b.snapshot().state.level())
+                    .encode(fam.encode_family(&DependencyLabels { dependency })?)?;
+            }
+        }
+        {
+            let c = ConstCounter::new(0u64);
+            let mut fam = e.encode_descriptor(
+                name::BREAKER_FAILURES,
+                "Failures seen by each dependency's circuit breaker",
+                None,
+                c.metric_type(),
+            )?;
+            for (dependency, b) in self.breakers.all() {
+                ConstCounter::new(b.snapshot().total_failures)
+                    .encode(fam.encode_family(&DependencyLabels { dependency })?)?;
+            }
+        }
 
         let (rss, fds) = process_usage();
         gauge(

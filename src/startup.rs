@@ -24,10 +24,12 @@ use crate::actors::order_writer::{
 use crate::actors::registry::SaleRegistry;
 use crate::actors::stock::{StockActor, StockDeps};
 use crate::auth::{AdminToken, Passwords, TokenKeys};
+use crate::breaker::Breakers;
 use crate::config::{RabbitSettings, Settings};
 use crate::domain::order::Order;
 use crate::domain::sale_book::SaleBook;
 use crate::http::json::BodyLimit;
+use crate::http::limits::RateLimits;
 use crate::http::{self, AppState};
 use crate::metrics::{Metrics, StateCollector};
 use crate::persistence::postgres::Database;
@@ -87,10 +89,16 @@ impl Application {
         // Recovery, step 1: whatever the order log still holds goes into
         // PostgreSQL before any book is built from it.
         let writer_stats = Arc::new(WriterStats::default());
+        let breakers = Arc::new(Breakers::new(
+            settings.breakers.failure_threshold,
+            Duration::from_millis(settings.breakers.open_ms),
+        ));
+        let limits = RateLimits::new(&settings.limits).map_err(StartupError::Config)?;
         let mut metrics_registry = Registry::with_prefix(crate::metrics::name::PREFIX);
         let metrics = Metrics::register(&mut metrics_registry);
         let writer_config = WriterConfig {
             metrics: metrics.clone(),
+            breakers: breakers.clone(),
             rabbit: settings.rabbitmq.clone(),
             orders: settings.orders.clone(),
             database: tokio_postgres::Config::from_str(settings.database.url.expose_secret())
@@ -114,6 +122,7 @@ impl Application {
                 db: db.clone(),
                 writers: writer_stats.clone(),
                 metrics: metrics.clone(),
+                breakers: breakers.clone(),
             },
         );
         let registry = Arc::new(SaleRegistry::default());
@@ -125,6 +134,7 @@ impl Application {
             mailbox_capacity: settings.stock.mailbox_capacity,
             snapshot_interval: Duration::from_millis(settings.stock.snapshot_interval_ms.max(1)),
             expiry_tick: Duration::from_millis(settings.stock.expiry_tick_ms.max(1)),
+            breakers: breakers.clone(),
             arbiter: actix::Arbiter::current(),
         };
 
@@ -143,6 +153,7 @@ impl Application {
             sales: registry.clone(),
             publisher: publisher.clone(),
             writers: writer_stats.clone(),
+            breakers: breakers.clone(),
         }));
         let passwords = Passwords::new(&settings.auth)
             .map_err(|e| StartupError::Config(format!("auth.argon2_*: {e}")))?;
@@ -160,6 +171,9 @@ impl Application {
             payments: crate::payments::provider(&settings.payments),
             metrics,
             metrics_registry,
+            limits,
+            breakers,
+            max_queue_depth: settings.orders.max_queue_depth,
             writer_pool_size: settings.orders.writers,
             webhook: crate::payments::WebhookVerifier::new(&settings.payments),
             recovered: AtomicBool::new(false),
@@ -176,6 +190,16 @@ impl Application {
         )
         .await;
         state.recovered.store(true, Ordering::Release);
+        // Rate-limit keys that are idle again are forgotten now and then.
+        let evicting = state.clone();
+        let every = Duration::from_secs(settings.limits.evict_interval_secs.max(1));
+        actix::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let (ips, users) = evicting.limits.evict_idle();
+                tracing::debug!(ips, users, "rate-limit keys kept");
+            }
+        });
 
         let server_settings = &settings.server;
         let address = format!("{}:{}", server_settings.host, server_settings.port);
@@ -201,6 +225,7 @@ impl Application {
                 .app_data(app_state.clone())
                 .app_data(limit)
                 .configure(http::routes)
+                .wrap_fn(http::rate_limit)
                 .wrap_fn(http::request_context)
         })
         .workers(workers)

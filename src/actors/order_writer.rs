@@ -59,6 +59,7 @@ pub struct WriterConfig {
     pub orders: OrderSettings,
     pub database: tokio_postgres::Config,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub breakers: Arc<crate::breaker::Breakers>,
 }
 
 pub struct OrderWriter {
@@ -248,6 +249,7 @@ pub async fn write_delivery(
                 Err(e) => {
                     stats.retries.fetch_add(1, Ordering::Relaxed);
                     stats.set_error(format!("database: {e}"));
+                    config.breakers.postgres.record_failure(&e);
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "order writer cannot reach PostgreSQL");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(max);
@@ -259,6 +261,7 @@ pub async fn write_delivery(
         let started = std::time::Instant::now();
         match order_log::apply(c, &msg).await {
             Ok(rows) => {
+                config.breakers.postgres.record_success();
                 config
                     .metrics
                     .writer_batch_latency
@@ -282,6 +285,7 @@ pub async fn write_delivery(
             Err(ApplyError::Transient(e)) => {
                 stats.retries.fetch_add(1, Ordering::Relaxed);
                 stats.set_error(format!("database: {e}"));
+                config.breakers.postgres.record_failure(&e);
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "order-log write failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(max);

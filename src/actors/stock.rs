@@ -138,6 +138,7 @@ pub struct StockActor {
     redis: RedisStore,
     snapshot_interval: Duration,
     expiry_tick: Duration,
+    breakers: Arc<crate::breaker::Breakers>,
     snapshot_in_flight: bool,
     waiters: HashMap<Uuid, Vec<Waiter>>,
 }
@@ -153,6 +154,7 @@ pub struct StockDeps {
     pub snapshot_interval: Duration,
     /// How often due reservations are looked for.
     pub expiry_tick: Duration,
+    pub breakers: Arc<crate::breaker::Breakers>,
     /// Where stock actors run: one arbiter for all of them, not the HTTP
     /// workers' (those stop first at shutdown, while orders still settle).
     pub arbiter: actix::ArbiterHandle,
@@ -172,6 +174,7 @@ impl StockActor {
             redis: deps.redis.clone(),
             snapshot_interval: deps.snapshot_interval,
             expiry_tick: deps.expiry_tick,
+            breakers: deps.breakers.clone(),
             snapshot_in_flight: false,
             waiters: HashMap::new(),
         };
@@ -256,6 +259,11 @@ impl StockActor {
         {
             return;
         }
+        // Redis down: snapshots pause (the breaker lets one through now and
+        // then); purchases never wait for them.
+        if !self.breakers.redis.allow() {
+            return;
+        }
         self.snapshot_in_flight = true;
         let c = self.book.counters();
         let now = Utc::now();
@@ -294,6 +302,7 @@ impl StockActor {
                             .store(now.timestamp_millis(), Ordering::Relaxed);
                     }
                     Err(e) => {
+                        act.breakers.redis.record_failure(&e);
                         act.shared.snapshot_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(error = %e, "redis snapshot failed");
                     }

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::auth::Admin;
 use super::error::{ApiError, Problem};
 use super::AppState;
+use crate::breaker::BreakerSnapshot;
 use crate::domain::sale::SaleStatus;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -66,15 +67,17 @@ pub struct WriterPoolStatus {
     pub last_error: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PipelineStatus {
     pub publisher: PublisherStatus,
+    /// Circuit breakers of RabbitMQ, PostgreSQL and Redis.
+    pub breakers: std::collections::BTreeMap<&'static str, BreakerSnapshot>,
     /// Messages ready in the order queue (sampled about once a second).
     pub queue_depth: u32,
     pub writers: WriterPoolStatus,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ActorsStatus {
     pub server_time: DateTime<Utc>,
     pub stock_actors: Vec<StockActorStatus>,
@@ -123,6 +126,12 @@ pub async fn actors(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse
         server_time: now,
         stock_actors,
         pipeline: PipelineStatus {
+            breakers: state
+                .breakers
+                .all()
+                .into_iter()
+                .map(|(name, b)| (name, b.snapshot()))
+                .collect(),
             publisher: PublisherStatus {
                 connected: state.publisher.is_up(),
                 queued: state.publisher.queued(),

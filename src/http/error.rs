@@ -67,6 +67,8 @@ pub enum ApiError {
     PaymentDeclined(String),
     #[error("{0}")]
     InvalidSignature(&'static str),
+    #[error("too many requests from you; retry after the time in Retry-After")]
+    RateLimited { retry_after_secs: u32 },
     #[error("too many requests are waiting; retry shortly")]
     Overloaded { retry_after_secs: u32 },
     #[error("the service is unavailable: {reason}")]
@@ -110,6 +112,7 @@ impl ApiError {
             ApiError::OrderPaid => "order_paid",
             ApiError::PaymentDeclined(_) => "payment_declined",
             ApiError::InvalidSignature(_) => "invalid_signature",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -142,6 +145,7 @@ impl ApiError {
             ApiError::OrderPaid => "Order paid",
             ApiError::PaymentDeclined(_) => "Payment declined",
             ApiError::InvalidSignature(_) => "Invalid signature",
+            ApiError::RateLimited { .. } => "Rate limited",
             ApiError::Overloaded { .. } => "Overloaded",
             ApiError::Unavailable { .. } => "Service unavailable",
             ApiError::Internal(_) => "Internal error",
@@ -153,7 +157,8 @@ impl ApiError {
             ApiError::Unavailable {
                 retry_after_secs, ..
             }
-            | ApiError::Overloaded { retry_after_secs } => Some(*retry_after_secs),
+            | ApiError::Overloaded { retry_after_secs }
+            | ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }
     }
@@ -176,9 +181,18 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable => ApiError::Unavailable {
-                reason: "database",
+                reason: "the database is unreachable",
                 retry_after_secs: 1,
             },
+            // No SQLSTATE: the connection failed, not the query. That is
+            // the database being away (503), not a bug (500).
+            StoreError::Postgres(e) if e.is_closed() || e.code().is_none() => {
+                tracing::warn!(error = %e, "database unreachable");
+                ApiError::Unavailable {
+                    reason: "the database is unreachable",
+                    retry_after_secs: 1,
+                }
+            }
             other => ApiError::internal(other),
         }
     }
@@ -220,6 +234,7 @@ impl ResponseError for ApiError {
                 StatusCode::NOT_FOUND
             }
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Rejected(_)
             | ApiError::ReservationExpired
             | ApiError::OrderCancelled

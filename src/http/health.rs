@@ -13,13 +13,17 @@ use utoipa::{OpenApi, ToSchema};
 
 use super::error::PROBLEM_JSON;
 use super::AppState;
+use crate::breaker::BreakerSnapshot;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Readiness {
-    /// `ready` or `not_ready`.
+    /// `ready`; `degraded` (purchases work, but PostgreSQL or Redis does not
+    /// answer: orders wait in RabbitMQ, snapshots pause); or `not_ready`.
     pub status: &'static str,
     /// Each dependency and recovery: `ok`, or what is wrong.
     pub checks: std::collections::BTreeMap<&'static str, String>,
+    /// Each dependency's circuit breaker.
+    pub breakers: std::collections::BTreeMap<&'static str, BreakerSnapshot>,
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "operations",
@@ -45,7 +49,8 @@ where
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+    responses((status = 200, description = "ready or degraded", body = Readiness),
+        (status = 503, description = "not ready: recovering, shutting down, or no order log", body = Readiness)))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let (postgres, redis, rabbitmq) = tokio::join!(
         check(state.db.ping()),
@@ -57,12 +62,26 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     checks.insert("redis", redis);
     checks.insert("rabbitmq", rabbitmq);
     checks.insert("recovery", state.recovery_status());
-    let ready = checks.values().all(|v| v == "ok");
+    let breakers = state
+        .breakers
+        .all()
+        .into_iter()
+        .map(|(name, b)| (name, b.snapshot()))
+        .collect();
+    // Purchases need recovery and the order log; PostgreSQL and Redis may be
+    // away for a while without refusing a single purchase.
+    let serving = checks["recovery"] == "ok" && checks["rabbitmq"] == "ok";
+    let all_ok = checks.values().all(|v| v == "ok");
     let body = Readiness {
-        status: if ready { "ready" } else { "not_ready" },
+        status: match (serving, all_ok) {
+            (true, true) => "ready",
+            (true, false) => "degraded",
+            (false, _) => "not_ready",
+        },
         checks,
+        breakers,
     };
-    if ready {
+    if serving {
         HttpResponse::Ok().json(body)
     } else {
         // A problem document with the checks as an extension member.
@@ -83,6 +102,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
                 "detail": detail,
                 "code": "not_ready",
                 "checks": body.checks,
+                "breakers": body.breakers,
             }))
     }
 }

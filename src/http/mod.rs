@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 pub mod health;
 pub mod json;
+pub mod limits;
 pub mod openapi;
 pub mod payments;
 pub mod purchases;
@@ -19,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_web::body::EitherBody;
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, HttpMessage, HttpResponse};
@@ -52,6 +54,11 @@ pub struct AppState {
     pub payments: Box<dyn PaymentProvider>,
     pub webhook: WebhookVerifier,
     pub metrics: Arc<Metrics>,
+    pub limits: limits::RateLimits,
+    pub breakers: Arc<crate::breaker::Breakers>,
+    /// Admission control: past this many messages waiting in RabbitMQ,
+    /// purchases are refused before any work.
+    pub max_queue_depth: u32,
     /// Read by `/metrics`; nothing registers after start-up.
     pub metrics_registry: prometheus_client::registry::Registry,
     pub writer_pool_size: usize,
@@ -71,6 +78,17 @@ impl AppState {
         self.recovered.load(Ordering::Acquire)
             && !self.stopping.load(Ordering::Acquire)
             && self.publisher.is_up()
+    }
+
+    /// Refuses work up front when the order pipeline lags past its bound.
+    pub fn admit_purchase(&self) -> Result<(), ApiError> {
+        let depth = self.publisher.stats().queue_depth.load(Ordering::Relaxed);
+        if depth > self.max_queue_depth {
+            return Err(ApiError::Overloaded {
+                retry_after_secs: self.retry_after_secs,
+            });
+        }
+        Ok(())
     }
 
     pub fn pipeline_health(&self) -> Result<(), String> {
@@ -111,6 +129,50 @@ fn request_id_of(req: &ServiceRequest) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
+}
+
+/// Per-IP rate limit on every route but health, readiness and metrics:
+/// 429 `rate_limited` with `Retry-After`, before any other work.
+pub fn rate_limit<S, B>(
+    req: ServiceRequest,
+    srv: &S,
+) -> futures_util::future::LocalBoxFuture<
+    'static,
+    Result<ServiceResponse<EitherBody<B>>, actix_web::Error>,
+>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    S::Future: 'static,
+    B: 'static,
+{
+    let limited = (|| {
+        if matches!(req.path(), "/healthz" | "/readyz" | "/metrics") {
+            return None;
+        }
+        let state = req.app_data::<web::Data<AppState>>()?;
+        let forwarded = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let ip = state
+            .limits
+            .client_ip(req.peer_addr().map(|a| a.ip()), forwarded)?;
+        state.limits.check_ip(ip).err()
+    })();
+    match limited {
+        Some(retry_after_secs) => {
+            let res = actix_web::ResponseError::error_response(&ApiError::RateLimited {
+                retry_after_secs,
+            });
+            Box::pin(std::future::ready(Ok(req
+                .into_response(res)
+                .map_into_right_body())))
+        }
+        None => {
+            let fut = srv.call(req);
+            Box::pin(async move { fut.await.map(ServiceResponse::map_into_left_body) })
+        }
+    }
 }
 
 /// Wraps every request in a span carrying its id, and echoes the id back.

@@ -113,6 +113,10 @@ pub async fn purchase(
     mut payload: Payload,
 ) -> Result<HttpResponse, ApiError> {
     let sale = sale_id(raw_id)?;
+    state
+        .limits
+        .check_user(shopper.user_id)
+        .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
     let key = idempotency_key(req)?;
     let quantity = quantity(req, &mut payload).await?;
     let handle = state.registry.get(sale).ok_or(ApiError::SaleNotFound)?;
@@ -126,6 +130,7 @@ pub async fn purchase(
             retry_after_secs,
         });
     }
+    state.admit_purchase()?;
     let (tx, rx) = oneshot::channel();
     let msg = Reserve {
         user_id: shopper.user_id,

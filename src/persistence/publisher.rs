@@ -109,6 +109,7 @@ pub struct PublisherDeps {
     pub db: Database,
     pub writers: Arc<WriterStats>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub breakers: Arc<crate::breaker::Breakers>,
 }
 
 impl OrderPublisher {
@@ -247,6 +248,7 @@ async fn run(
             match connect_link(&deps.rabbit).await {
                 Ok(l) => {
                     tracing::info!("order publisher connected to RabbitMQ");
+                    deps.breakers.rabbitmq.record_success();
                     link = Some(l);
                     backoff = initial_backoff;
                     stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -254,6 +256,7 @@ async fn run(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "order publisher cannot reach RabbitMQ");
+                    deps.breakers.rabbitmq.record_failure(&e);
                     stats.set_error(&e);
                     // Whatever waits now was never handed to the broker.
                     release_queued(&mut rx, &stats);
@@ -370,6 +373,7 @@ async fn publish(
             let stats = stats.clone();
             let in_doubt = in_doubt.clone();
             let metrics = deps.metrics.clone();
+            let breakers = deps.breakers.clone();
             actix::spawn(async move {
                 let outcome = confirm.await;
                 drop(permit);
@@ -394,6 +398,7 @@ async fn publish(
                             Err(e) => e.to_string(),
                         };
                         tracing::error!(error = %reason, entries = batch.len(), "order-log batch not confirmed; its entries are in doubt");
+                        breakers.rabbitmq.record_failure(&reason);
                         stats.set_error(&reason);
                         mark_in_doubt(batch, &in_doubt, &stats);
                     }
@@ -405,6 +410,7 @@ async fn publish(
             drop(permit);
             stats.unconfirmed_batches.fetch_sub(1, Ordering::Relaxed);
             tracing::error!(error = %e, entries = batch.len(), "order-log publish failed; its entries are in doubt");
+            deps.breakers.rabbitmq.record_failure(&e);
             stats.set_error(&e);
             mark_in_doubt(batch, in_doubt, stats);
             Err(())
