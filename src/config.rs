@@ -42,6 +42,7 @@ pub struct ServerSettings {
     pub port: u16,
     pub workers: usize,
     pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
     pub client_request_timeout_ms: u64,
     pub keep_alive_secs: u64,
     pub max_connections_per_worker: usize,

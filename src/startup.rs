@@ -174,6 +174,7 @@ impl Application {
             limits,
             breakers,
             max_queue_depth: settings.orders.max_queue_depth,
+            max_header_bytes: settings.server.max_header_bytes,
             writer_pool_size: settings.orders.writers,
             webhook: crate::payments::WebhookVerifier::new(&settings.payments),
             recovered: AtomicBool::new(false),
@@ -225,7 +226,7 @@ impl Application {
                 .app_data(app_state.clone())
                 .app_data(limit)
                 .configure(http::routes)
-                .wrap_fn(http::rate_limit)
+                .wrap_fn(http::edge_guard)
                 .wrap_fn(http::request_context)
         })
         .workers(workers)

@@ -294,6 +294,7 @@ impl StockActor {
                 act.snapshot_in_flight = false;
                 match res {
                     Ok(()) => {
+                        act.breakers.redis.record_success();
                         act.shared
                             .snapshot_version
                             .store(version, Ordering::Relaxed);

@@ -67,6 +67,8 @@ pub enum ApiError {
     PaymentDeclined(String),
     #[error("{0}")]
     InvalidSignature(&'static str),
+    #[error("request headers larger than {limit} bytes")]
+    HeadersTooLarge { limit: usize },
     #[error("too many requests from you; retry after the time in Retry-After")]
     RateLimited { retry_after_secs: u32 },
     #[error("too many requests are waiting; retry shortly")]
@@ -112,6 +114,7 @@ impl ApiError {
             ApiError::OrderPaid => "order_paid",
             ApiError::PaymentDeclined(_) => "payment_declined",
             ApiError::InvalidSignature(_) => "invalid_signature",
+            ApiError::HeadersTooLarge { .. } => "headers_too_large",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::Unavailable { .. } => "unavailable",
@@ -145,6 +148,7 @@ impl ApiError {
             ApiError::OrderPaid => "Order paid",
             ApiError::PaymentDeclined(_) => "Payment declined",
             ApiError::InvalidSignature(_) => "Invalid signature",
+            ApiError::HeadersTooLarge { .. } => "Headers too large",
             ApiError::RateLimited { .. } => "Rate limited",
             ApiError::Overloaded { .. } => "Overloaded",
             ApiError::Unavailable { .. } => "Service unavailable",
@@ -235,6 +239,7 @@ impl ResponseError for ApiError {
             }
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Rejected(_)
             | ApiError::ReservationExpired
             | ApiError::OrderCancelled

@@ -59,6 +59,7 @@ pub struct AppState {
     /// Admission control: past this many messages waiting in RabbitMQ,
     /// purchases are refused before any work.
     pub max_queue_depth: u32,
+    pub max_header_bytes: usize,
     /// Read by `/metrics`; nothing registers after start-up.
     pub metrics_registry: prometheus_client::registry::Registry,
     pub writer_pool_size: usize,
@@ -131,9 +132,10 @@ fn request_id_of(req: &ServiceRequest) -> String {
         .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
 }
 
-/// Per-IP rate limit on every route but health, readiness and metrics:
-/// 429 `rate_limited` with `Retry-After`, before any other work.
-pub fn rate_limit<S, B>(
+/// The edge: oversized headers get 431 `headers_too_large`; then the per-IP
+/// rate limit on every route but health, readiness and metrics gives 429
+/// `rate_limited` with `Retry-After`. Both before any other work.
+pub fn edge_guard<S, B>(
     req: ServiceRequest,
     srv: &S,
 ) -> futures_util::future::LocalBoxFuture<
@@ -146,10 +148,20 @@ where
     B: 'static,
 {
     let limited = (|| {
+        let state = req.app_data::<web::Data<AppState>>()?;
+        let header_bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
+        if header_bytes > state.max_header_bytes {
+            return Some(ApiError::HeadersTooLarge {
+                limit: state.max_header_bytes,
+            });
+        }
         if matches!(req.path(), "/healthz" | "/readyz" | "/metrics") {
             return None;
         }
-        let state = req.app_data::<web::Data<AppState>>()?;
         let forwarded = req
             .headers()
             .get("x-forwarded-for")
@@ -157,13 +169,15 @@ where
         let ip = state
             .limits
             .client_ip(req.peer_addr().map(|a| a.ip()), forwarded)?;
-        state.limits.check_ip(ip).err()
+        state
+            .limits
+            .check_ip(ip)
+            .err()
+            .map(|retry_after_secs| ApiError::RateLimited { retry_after_secs })
     })();
     match limited {
-        Some(retry_after_secs) => {
-            let res = actix_web::ResponseError::error_response(&ApiError::RateLimited {
-                retry_after_secs,
-            });
+        Some(refusal) => {
+            let res = actix_web::ResponseError::error_response(&refusal);
             Box::pin(std::future::ready(Ok(req
                 .into_response(res)
                 .map_into_right_body())))

@@ -380,6 +380,7 @@ async fn publish(
                 stats.unconfirmed_batches.fetch_sub(1, Ordering::Relaxed);
                 match outcome {
                     Ok(c) if c.is_ack() => {
+                        breakers.rabbitmq.record_success();
                         metrics
                             .confirm_latency
                             .observe(started.elapsed().as_secs_f64());

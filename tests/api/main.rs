@@ -10,6 +10,7 @@ mod http_conventions;
 mod lifecycle;
 mod observability;
 mod pipeline;
+mod protection;
 mod proxy;
 mod purchases;
 mod startup;
