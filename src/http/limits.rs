@@ -4,8 +4,8 @@
 //! state has decayed back to "never seen" are forgotten every
 //! `limits.evict_interval_secs` (`evict_idle`), so memory follows the
 //! clients of the last minute, not every client ever. Measured on this
-//! machine, a million live keys cost about 60 MiB (IP keys) to 70 MiB
-//! (user-id keys); see README.md.
+//! machine (a million keys inserted, resident memory before and after): a
+//! million live keys cost about 66 MiB as IP addresses and 51 MiB as user ids.
 //!
 //! The client IP is the socket's peer, unless the peer is a configured
 //! trusted proxy: then the rightmost address of `X-Forwarded-For` that is not
