@@ -1,63 +1,93 @@
-//! `flashsale-mint`: writes shopper tokens, one per line, signed with the
-//! server's configured JWT secret, each for a distinct new user id. Load runs
-//! use them to be many distinct buyers without registering each one.
+//! `flashsale-load`: runs one goose scenario against a flashsale server on
+//! 127.0.0.1 and checks the invariants afterwards; exits non-zero if they do
+//! not hold, whatever the speed. goose's own options (`--users`,
+//! `--run-time`, `--increase-rate`, `--throttle-requests`, `--report-file`...)
+//! are accepted as well.
+//!
+//!     flashsale-load --scenario rush --users 200 --increase-rate 200 --run-time 20s
 
-use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use flashsale::auth::TokenKeys;
 use flashsale::config::{Overrides, Settings};
+use flashsale_load_tests::{run, RunConfig, ScenarioKind};
+use goose::config::GooseConfiguration;
+use secrecy::ExposeSecret;
 
 #[derive(Parser)]
-#[command(about = "Mint shopper tokens for load runs")]
-struct Args {
-    /// Server configuration whose `auth` section signs the tokens
-    /// (environment overrides apply as for the server).
+#[command(name = "flashsale-load", about = "goose scenarios for flashsale")]
+struct Cli {
+    /// rush, sold-out-storm, browse or lifecycle.
     #[arg(long)]
-    config: Option<PathBuf>,
-    /// How many tokens (one user each).
-    #[arg(long, default_value_t = 1000)]
-    count: usize,
-    /// Output file, one token per line.
+    scenario: ScenarioKind,
+    /// The server's configuration (JWT secret, admin token, database URL,
+    /// port); environment overrides apply as for the server.
     #[arg(long)]
-    out: PathBuf,
+    server_config: Option<PathBuf>,
+    /// Distinct buyers to mint.
+    #[arg(long, default_value_t = 10_000)]
+    buyers: usize,
+    /// Units on sale (rush, lifecycle).
+    #[arg(long, default_value_t = 1_000)]
+    stock: u32,
+    /// Seconds from the start of the run to the sale's start (rush).
+    #[arg(long, default_value_t = 3)]
+    start_delay: u32,
+    /// Reservation lifetime in seconds (lifecycle).
+    #[arg(long, default_value_t = 3)]
+    reservation_ttl: u32,
+    #[command(flatten)]
+    goose: GooseConfiguration,
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    let settings = match Settings::load(args.config.as_deref(), &Overrides::default()) {
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.server_config.as_deref(), &Overrides::default()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("flashsale-mint: configuration error: {e}");
+            eprintln!("flashsale-load: configuration error: {e}");
             return ExitCode::from(2);
         }
     };
+    let host = cli
+        .goose
+        .host
+        .clone()
+        .unwrap_or_else(|| format!("http://127.0.0.1:{}", settings.server.port));
+    if !(host.starts_with("http://127.0.0.1") || host.starts_with("http://localhost")) {
+        eprintln!("flashsale-load: load runs target 127.0.0.1 only, not {host}");
+        return ExitCode::from(2);
+    }
     let keys = TokenKeys::new(&settings.auth);
-    let file = match std::fs::File::create(&args.out) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("flashsale-mint: {}: {e}", args.out.display());
-            return ExitCode::from(1);
-        }
+    let tokens: Vec<String> = (0..cli.buyers.max(1))
+        .filter_map(|_| keys.issue(uuid::Uuid::new_v4()).ok().map(|(t, _)| t))
+        .collect();
+    let cfg = RunConfig {
+        scenario: cli.scenario,
+        host: host.clone(),
+        admin_token: settings.auth.admin_token.expose_secret().to_owned(),
+        tokens,
+        database_url: settings.database.url.expose_secret().to_owned(),
+        stock: cli.stock,
+        start_delay_secs: cli.start_delay,
+        reservation_ttl_secs: cli.reservation_ttl,
     };
-    let mut out = BufWriter::new(file);
-    for _ in 0..args.count {
-        let token = match keys.issue(uuid::Uuid::new_v4()) {
-            Ok((t, _)) => t,
-            Err(e) => {
-                eprintln!("flashsale-mint: {e}");
-                return ExitCode::from(1);
-            }
-        };
-        if writeln!(out, "{token}").is_err() {
-            eprintln!("flashsale-mint: cannot write {}", args.out.display());
-            return ExitCode::from(1);
+    let mut goose = cli.goose;
+    goose.host = Some(host);
+    match run(cfg, goose).await {
+        Ok(report) => {
+            println!(
+                "invariants hold: {} orders answered 201, all in PostgreSQL; answers by status: {:?}",
+                report.orders_created, report.statuses
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("flashsale-load: FAILED: {e:#}");
+            ExitCode::from(1)
         }
     }
-    if out.flush().is_err() {
-        return ExitCode::from(1);
-    }
-    ExitCode::SUCCESS
 }
