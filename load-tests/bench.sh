@@ -4,8 +4,10 @@
 #   1. GET /healthz                       (the ceiling)
 #   2. purchases on a sold-out sale       (the hot "no")
 #   3. durable reservations, ample stock, a distinct buyer per request
-# then checks that PostgreSQL holds exactly the orders answered 201, and
-# writes a Markdown report under load-tests/reports/.
+# then checks that PostgreSQL holds every order answered 201; then, on a
+# fresh server, 4. the goose `rush` scenario (100,000 distinct buyers, goose
+# throttled, invariant check included) while sampling the server's memory;
+# and writes a Markdown report under load-tests/reports/.
 # Every run is bounded: BENCH_SECONDS (default 10) per ceiling/rejection run,
 # BENCH_RESERVE_SECONDS (default 30) for the reservation run.
 set -euo pipefail
@@ -84,6 +86,27 @@ CREATED=$(grep -E '^status 201:' "$WORK/reserve.out" | awk '{print $3}'); CREATE
 SOLDOUT_OTHER=$(awk '/^status / && $2 != "409:" {s+=$3} END {print s+0}' "$WORK/soldout-count.out")
 SOLDOUT_409=$(awk '/^status 409:/ {print $3}' "$WORK/soldout-count.out")
 
+# 4. The rush, on a fresh server and database, with goose (throttled so it
+# does not starve the server; goose costs ~4x wrk's CPU per request).
+psql -q -h 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS flashsale_bench WITH (FORCE)' >/dev/null
+for q in flashsale.bench.orders flashsale.bench.dead; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
+target/release/flashsale --config load-tests/bench.toml &
+SERVER_PID=$!
+for _ in $(seq 1 200); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
+( while sleep 0.5; do ps -o rss= -p $SERVER_PID; done ) > "$WORK/rush-rss.txt" &
+RSS_PID=$!
+RUSH_SECONDS=${BENCH_RUSH_SECONDS:-30}
+echo "== rush (goose)"
+target/release/flashsale-load --server-config load-tests/bench.toml --scenario rush \
+  --buyers 100000 --stock 50000 --start-delay 3 --users 256 --increase-rate 256 \
+  --run-time "${RUSH_SECONDS}s" --throttle-requests "${BENCH_RUSH_THROTTLE:-15000}" \
+  --no-reset-metrics --report-file "$WORK/rush.md" > "$WORK/rush.out" 2>&1 || RUSH_RC=$?
+RUSH_RC=${RUSH_RC:-0}
+kill $RSS_PID 2>/dev/null || true
+kill -TERM $SERVER_PID; wait $SERVER_PID || true
+RUSH_RSS=$(sort -n "$WORK/rush-rss.txt" | tail -n1)
+RUSH_RESULT=$(grep -E '^invariants hold|FAILED' "$WORK/rush.out" | tail -n1)
+
 H=$(rps healthz); S=$(rps soldout); R=$(rps reserve)
 R201=$(python3 -c "print(round($CREATED / $SECONDS_RESERVE))")
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
@@ -112,9 +135,18 @@ REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
   echo "- Server resident memory peak: $(( ${RSS_PEAK:-0} / 1024 )) MiB."
   echo "- GET /admin/v1/actors polled every second during the reservation run: $(wc -l < "$WORK/poll.txt") polls, slowest $(sort -n "$WORK/poll.txt" | tail -n1) s."
   echo
+  echo "## Rush (goose, throttled to ${BENCH_RUSH_THROTTLE:-15000} requests/s, 256 users, $RUSH_SECONDS s, 100,000 distinct buyers, 50,000 units)"
+  echo
+  echo "- Invariant check: ${RUSH_RESULT:-no result (exit $RUSH_RC)}"
+  echo "- Server resident memory peak during the rush: $(( ${RUSH_RSS:-0} / 1024 )) MiB."
+  echo "- goose's own tables (requests/s, percentiles) follow. goose counts every non-2xx as an error in its error table, before the scenario marks 409/429/503 as the normal answers they are."
+  echo
+  sed -n '/Request Metrics/,$p' "$WORK/rush.md" 2>/dev/null | head -n 60
+  echo
   echo "Answers by status in the reservation run:"
   echo
   grep -E '^status ' "$WORK/reserve.out" | sed 's/^/    /'
 } > "$REPORT"
 cat "$REPORT"
 [ "$STORED" -ge "$CREATED" ] || { echo "bench: only $STORED orders in PostgreSQL but $CREATED were answered 201" >&2; exit 1; }
+[ "$RUSH_RC" -eq 0 ] || { echo "bench: the rush's invariant check failed" >&2; exit 1; }

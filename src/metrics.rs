@@ -23,7 +23,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::actors::order_writer::WriterStats;
-use crate::actors::registry::SaleRegistry;
+use crate::actors::registry::{SaleHandle, SaleRegistry};
 use crate::persistence::publisher::OrderPublisher;
 
 /// Every metric name, without the `flashsale_` prefix the registry adds
@@ -242,6 +242,24 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt:
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
+/// One integer gauge family with a series per sale.
+fn per_sale(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    sales: &[SaleHandle],
+    series: impl Fn(&SaleHandle) -> Vec<(SaleLabels, i64)>,
+) -> std::fmt::Result {
+    let g = ConstGauge::new(0i64);
+    let mut fam = e.encode_descriptor(name, help, None, g.metric_type())?;
+    for h in sales {
+        for (labels, v) in series(h) {
+            ConstGauge::new(v).encode(fam.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
 fn to_i64(v: usize) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -264,21 +282,23 @@ impl Collector for StateCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let sales = self.sales.all();
         let now_ms = chrono::Utc::now().timestamp_millis();
-        {
-            let g = ConstGauge::new(0i64);
-            let mut fam = e.encode_descriptor(
-                name::SALE_STOCK_LEFT,
-                "Units a sale has left",
-                None,
-                g.metric_type(),
-            )?;
-            for h in &sales {
-                let l = SaleLabels {
-                    sale_id: h.shared.sale().id.to_string(),
-                };
-                ConstGauge::new(i64::from(h.shared.stock_left())).encode(fam.encode_family(&l)?)?;
-            }
-        }
+        let id = |h: &SaleHandle| SaleLabels {
+            sale_id: h.shared.sale().id.to_string(),
+        };
+        per_sale(
+            &mut e,
+            name::SALE_STOCK_LEFT,
+            "Units a sale has left",
+            &sales,
+            |h| vec![(id(h), i64::from(h.shared.stock_left()))],
+        )?;
+        per_sale(
+            &mut e,
+            name::SALE_MAILBOX_DEPTH,
+            "Purchases and actions waiting in a stock actor's mailbox",
+            &sales,
+            |h| vec![(id(h), to_i64(h.shared.mailbox_depth()))],
+        )?;
         {
             let g = ConstGauge::new(0i64);
             let mut fam = e.encode_descriptor(
@@ -288,7 +308,7 @@ impl Collector for StateCollector {
                 g.metric_type(),
             )?;
             for h in &sales {
-                let id = h.shared.sale().id.to_string();
+                let sale_id = h.shared.sale().id.to_string();
                 let c = h.shared.counters();
                 for (status, v) in [
                     ("reserved", c.reserved),
@@ -297,27 +317,12 @@ impl Collector for StateCollector {
                     ("cancelled", c.cancelled),
                 ] {
                     let l = SaleStatusLabels {
-                        sale_id: id.clone(),
+                        sale_id: sale_id.clone(),
                         status,
                     };
                     ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
                         .encode(fam.encode_family(&l)?)?;
                 }
-            }
-        }
-        {
-            let g = ConstGauge::new(0i64);
-            let mut fam = e.encode_descriptor(
-                name::SALE_MAILBOX_DEPTH,
-                "Purchases and actions waiting in a stock actor's mailbox",
-                None,
-                g.metric_type(),
-            )?;
-            for h in &sales {
-                let l = SaleLabels {
-                    sale_id: h.shared.sale().id.to_string(),
-                };
-                ConstGauge::new(to_i64(h.shared.mailbox_depth())).encode(fam.encode_family(&l)?)?;
             }
         }
         {
@@ -329,11 +334,8 @@ impl Collector for StateCollector {
                 c.metric_type(),
             )?;
             for h in &sales {
-                let l = SaleLabels {
-                    sale_id: h.shared.sale().id.to_string(),
-                };
                 ConstCounter::new(h.shared.messages_handled.load(Ordering::Relaxed))
-                    .encode(fam.encode_family(&l)?)?;
+                    .encode(fam.encode_family(&id(h))?)?;
             }
         }
         {
@@ -345,9 +347,6 @@ impl Collector for StateCollector {
                 g.metric_type(),
             )?;
             for h in &sales {
-                let l = SaleLabels {
-                    sale_id: h.shared.sale().id.to_string(),
-                };
                 let behind = h.shared.snapshot_version.load(Ordering::Relaxed)
                     != h.shared.version.load(Ordering::Relaxed);
                 let at = h.shared.snapshot_at_ms.load(Ordering::Relaxed);
@@ -356,7 +355,7 @@ impl Collector for StateCollector {
                 } else {
                     0.0
                 };
-                ConstGauge::new(lag).encode(fam.encode_family(&l)?)?;
+                ConstGauge::new(lag).encode(fam.encode_family(&id(h))?)?;
             }
         }
         let snapshot_failures: u64 = sales

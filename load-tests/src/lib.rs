@@ -231,6 +231,25 @@ fn transaction(shared: &Arc<Shared>, name: &str, step: Step) -> Transaction {
     Transaction::new(Arc::new(move |user| step(user, shared.clone()))).set_name(name)
 }
 
+/// A POST with no body as the buyer holding `token`, named for goose's tables.
+async fn post_as(
+    user: &mut GooseUser,
+    path: &str,
+    name: &str,
+    token: &str,
+) -> Result<goose::goose::GooseResponse, Box<TransactionError>> {
+    let builder = user
+        .get_request_builder(&GooseMethod::Post, path)?
+        .bearer_auth(token);
+    let request = GooseRequest::builder()
+        .method(GooseMethod::Post)
+        .path(path)
+        .name(name)
+        .set_request_builder(builder)
+        .build();
+    user.request(request).await
+}
+
 /// One purchase by the next buyer. Every answer the API documents counts as
 /// a success for goose (409, 429 and 503 are normal answers in a flash
 /// sale); anything else is a failure.
@@ -241,16 +260,7 @@ async fn purchase(
     token: &str,
 ) -> Result<Option<Value>, Box<TransactionError>> {
     let path = format!("/api/v1/sales/{sale}/purchases");
-    let builder = user
-        .get_request_builder(&GooseMethod::Post, &path)?
-        .bearer_auth(token);
-    let request = GooseRequest::builder()
-        .method(GooseMethod::Post)
-        .path(path.as_str())
-        .name("purchase")
-        .set_request_builder(builder)
-        .build();
-    let mut goose = user.request(request).await?;
+    let mut goose = post_as(user, &path, "purchase", token).await?;
     let Ok(response) = goose.response else {
         return Ok(None);
     };
@@ -364,16 +374,7 @@ fn scenario_for(kind: ScenarioKind, shared: &Arc<Shared>) -> Scenario {
                         _ => return Ok(()),
                     };
                     let path = format!("/api/v1/orders/{id}/{action}");
-                    let builder = user
-                        .get_request_builder(&GooseMethod::Post, &path)?
-                        .bearer_auth(token);
-                    let request = GooseRequest::builder()
-                        .method(GooseMethod::Post)
-                        .path(path.as_str())
-                        .name(action)
-                        .set_request_builder(builder)
-                        .build();
-                    let mut goose = user.request(request).await?;
+                    let mut goose = post_as(user, &path, action, &token).await?;
                     if let Ok(r) = &goose.response {
                         let status = r.status().as_u16();
                         shared.count(status);
