@@ -168,16 +168,17 @@ pub struct SaleHandle {
     pub shared: Arc<SaleShared>,
 }
 
-/// Durable orders by id and by user, written by stock actors.
+/// Durable orders by id and by user, written by stock actors. Orders are
+/// behind `Arc` so that growing the map moves pointers, not orders.
 #[derive(Default)]
 pub struct OrderDirectory {
-    by_id: DashMap<Uuid, Order>,
+    by_id: DashMap<Uuid, Arc<Order>>,
     by_user: DashMap<Uuid, Vec<Uuid>>,
 }
 
 impl OrderDirectory {
     pub fn upsert(&self, order: &Order) {
-        if self.by_id.insert(order.id, order.clone()).is_none() {
+        if self.by_id.insert(order.id, Arc::new(order.clone())).is_none() {
             self.by_user
                 .entry(order.user_id)
                 .or_default()
@@ -186,7 +187,7 @@ impl OrderDirectory {
     }
 
     pub fn get(&self, id: Uuid) -> Option<Order> {
-        self.by_id.get(&id).map(|o| o.clone())
+        self.by_id.get(&id).map(|o| o.as_ref().clone())
     }
 
     pub fn for_user(&self, user_id: Uuid) -> Vec<Order> {

@@ -110,8 +110,10 @@ pub struct SaleBook {
     held_by: HashMap<Uuid, u32>,
     /// (user, idempotency key) → order id, for replays.
     keys: HashMap<(Uuid, String), Uuid>,
-    /// Every order of this sale this process knows about.
-    orders: HashMap<Uuid, Entry>,
+    /// Every order of this sale this process knows about. Boxed: when the map
+    /// grows (hundreds of thousands of orders in a big sale) a rehash moves
+    /// pointers, not orders, so it never stalls the actor for long.
+    orders: HashMap<Uuid, Box<Entry>>,
     /// Deadlines of reserved orders, earliest first.
     deadlines: BTreeSet<(DateTime<Utc>, Uuid)>,
     counters: BookCounters,
@@ -159,11 +161,11 @@ impl SaleBook {
             }
             book.orders.insert(
                 order.id,
-                Entry {
+                Box::new(Entry {
                     order,
                     durability: Durability::Durable,
                     holds_units,
-                },
+                }),
             );
         }
         book
@@ -296,11 +298,11 @@ impl SaleBook {
         self.deadlines.insert((order.expires_at, order.id));
         self.orders.insert(
             order.id,
-            Entry {
+            Box::new(Entry {
                 order: order.clone(),
                 durability: Durability::Pending,
                 holds_units: true,
-            },
+            }),
         );
         self.version += 1;
         Ok(Reserved::New(order))
