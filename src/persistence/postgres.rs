@@ -57,22 +57,6 @@ fn classify(e: tokio_postgres::Error) -> StoreError {
     StoreError::Postgres(e)
 }
 
-/// Units of a sale by order status, summed over quantities.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SaleCounters {
-    pub reserved: i64,
-    pub paid: i64,
-    pub expired: i64,
-    pub cancelled: i64,
-}
-
-impl SaleCounters {
-    /// Units that reserved and paid orders hold: what the stock is short of.
-    pub fn held(&self) -> i64 {
-        self.reserved + self.paid
-    }
-}
-
 /// The pooled PostgreSQL store.
 #[derive(Clone)]
 pub struct Database {
@@ -226,48 +210,6 @@ impl Database {
             .await?;
         Ok(rows.iter().map(sale_from_row).collect())
     }
-
-    /// Units by order status for one sale.
-    pub async fn sale_counters(&self, sale_id: Uuid) -> Result<SaleCounters, StoreError> {
-        let conn = self.pool.get().await?;
-        let rows = conn
-            .query(
-                "SELECT status, COALESCE(SUM(quantity), 0)::BIGINT FROM orders \
-                 WHERE sale_id = $1 GROUP BY status",
-                &[&sale_id],
-            )
-            .await?;
-        Ok(counters_from_rows(
-            rows.iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))),
-        ))
-    }
-
-    /// Units by order status for every sale that has orders.
-    pub async fn all_sale_counters(
-        &self,
-    ) -> Result<std::collections::HashMap<Uuid, SaleCounters>, StoreError> {
-        let conn = self.pool.get().await?;
-        let rows = conn
-            .query(
-                "SELECT sale_id, status, COALESCE(SUM(quantity), 0)::BIGINT FROM orders \
-                 GROUP BY sale_id, status",
-                &[],
-            )
-            .await?;
-        let mut by_sale: std::collections::HashMap<Uuid, Vec<(String, i64)>> =
-            std::collections::HashMap::new();
-        for r in &rows {
-            by_sale
-                .entry(r.get(0))
-                .or_default()
-                .push((r.get(1), r.get(2)));
-        }
-        Ok(by_sale
-            .into_iter()
-            .map(|(id, pairs)| (id, counters_from_rows(pairs.into_iter())))
-            .collect())
-    }
 }
 
 impl Database {
@@ -373,20 +315,6 @@ fn sale_from_row(row: &Row) -> Sale {
         created_at: row.get(11),
         updated_at: row.get(12),
     }
-}
-
-fn counters_from_rows<S: AsRef<str>>(rows: impl Iterator<Item = (S, i64)>) -> SaleCounters {
-    let mut c = SaleCounters::default();
-    for (status, units) in rows {
-        match status.as_ref() {
-            "reserved" => c.reserved = units,
-            "paid" => c.paid = units,
-            "expired" => c.expired = units,
-            "cancelled" => c.cancelled = units,
-            _ => {}
-        }
-    }
-    c
 }
 
 /// Validated domain values always fit: stock, limits and TTLs are bounded far
