@@ -178,7 +178,11 @@ pub struct OrderDirectory {
 
 impl OrderDirectory {
     pub fn upsert(&self, order: &Order) {
-        if self.by_id.insert(order.id, Arc::new(order.clone())).is_none() {
+        if self
+            .by_id
+            .insert(order.id, Arc::new(order.clone()))
+            .is_none()
+        {
             self.by_user
                 .entry(order.user_id)
                 .or_default()
