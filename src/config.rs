@@ -162,6 +162,7 @@ pub struct SalesSettings {
 pub struct TelemetrySettings {
     pub log_filter: String,
     pub log_format: LogFormat,
+    pub otlp_endpoint: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -1,26 +1,89 @@
-//! Logging set-up. Called once by the binary; tests and embedders may install
-//! their own subscriber instead, so the library never does it on its own.
+//! Logging and trace export set-up. Called once by the binary; tests and
+//! embedders may install their own subscriber instead, so the library never
+//! does it on its own.
+//!
+//! With the `otlp` cargo feature and `telemetry.otlp_endpoint` set, spans are
+//! also exported to an OpenTelemetry collector over OTLP/HTTP by a batch
+//! exporter on its own thread. The default build has no exporter at all.
 
-use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+use tracing_subscriber::{fmt, prelude::*, EnvFilter, Layer, Registry};
 
 use crate::config::{LogFormat, TelemetrySettings};
 
+/// Keeps the exporter alive; [`Telemetry::shutdown`] flushes it.
+#[derive(Default)]
+pub struct Telemetry {
+    #[cfg(feature = "otlp")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes spans not yet exported (call before the process exits).
+    pub fn shutdown(self) {
+        #[cfg(feature = "otlp")]
+        if let Some(p) = self.provider {
+            if let Err(e) = p.shutdown() {
+                eprintln!("flashsale: flushing traces failed: {e}");
+            }
+        }
+    }
+}
+
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
 /// Installs the global tracing subscriber: the configured filter (or
-/// `RUST_LOG` when set) and text or JSON lines on stderr.
-pub fn init(settings: &TelemetrySettings) {
+/// `RUST_LOG` when set), text or JSON lines on stderr, and the OTLP exporter
+/// when built in and configured.
+pub fn init(settings: &TelemetrySettings) -> Telemetry {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.log_filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match settings.log_format {
-        LogFormat::Json => registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
-            .try_init(),
-        LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
+    let output: BoxedLayer = match settings.log_format {
+        LogFormat::Json => fmt::layer().json().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
     };
-    if let Err(e) = result {
+    let mut layers: Vec<BoxedLayer> = vec![output];
+    let mut telemetry = Telemetry::default();
+    if !settings.otlp_endpoint.is_empty() {
+        match otlp_layer(&settings.otlp_endpoint, &mut telemetry) {
+            Ok(layer) => layers.push(layer),
+            Err(e) => eprintln!("flashsale: trace export disabled: {e}"),
+        }
+    }
+    if let Err(e) = tracing_subscriber::registry()
+        .with(layers)
+        .with(filter)
+        .try_init()
+    {
         eprintln!("tracing was already set up: {e}");
     }
+    telemetry
+}
+
+#[cfg(feature = "otlp")]
+fn otlp_layer(endpoint: &str, telemetry: &mut Telemetry) -> Result<BoxedLayer, String> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name("flashsale")
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("flashsale");
+    telemetry.provider = Some(provider);
+    Ok(tracing_opentelemetry::layer().with_tracer(tracer).boxed())
+}
+
+#[cfg(not(feature = "otlp"))]
+fn otlp_layer(_: &str, _: &mut Telemetry) -> Result<BoxedLayer, String> {
+    Err("telemetry.otlp_endpoint is set but this build has no OTLP exporter (build with --features otlp)".into())
 }

@@ -49,9 +49,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    flashsale::telemetry::init(&settings.telemetry);
+    let telemetry = flashsale::telemetry::init(&settings.telemetry);
     let system = actix_web::rt::System::new();
-    system.block_on(async move {
+    let code = system.block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Migrate => match startup::migrate(&settings).await {
                 Ok(()) => {
@@ -80,5 +80,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-    })
+    });
+    telemetry.shutdown();
+    code
 }
