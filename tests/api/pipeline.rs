@@ -143,6 +143,13 @@ async fn a_broker_outage_refuses_purchases_and_recovers_by_itself() {
                     .contains("order publisher"),
                 "{body}"
             );
+            assert!(
+                body["breakers"]["rabbitmq"]["total_failures"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > 0,
+                "{body}"
+            );
             break;
         }
         assert!(

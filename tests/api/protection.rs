@@ -196,6 +196,22 @@ async fn redis_down_pauses_snapshots_and_nothing_else() {
         "{status}"
     );
     assert_eq!(status["pipeline"]["breakers"]["redis"]["state"], "open");
+    // The trip shows in /metrics too (2 = open).
+    let metrics = app
+        .get("/metrics", None)
+        .await
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "flashsale_circuit_breaker_state{dependency=\"redis\"} 2"),
+        "breaker state not in /metrics"
+    );
+    assert!(metrics
+        .lines()
+        .any(|l| l.starts_with("flashsale_redis_snapshot_failures_total ") && !l.ends_with(" 0")));
 
     proxy.restore();
     wait_for("snapshots to catch up", || async {
