@@ -35,7 +35,7 @@ use crate::metrics::{Metrics, StateCollector};
 use crate::persistence::postgres::Database;
 use crate::persistence::publisher::{OrderPublisher, PublisherDeps};
 use crate::persistence::redis::RedisStore;
-use crate::persistence::{rabbit, redact_url, Unreachable};
+use crate::persistence::{rabbit, Unreachable};
 use prometheus_client::registry::Registry;
 
 /// Why the application could not start.
@@ -296,22 +296,17 @@ impl Application {
         pipeline.publisher.shutdown();
         let _ = pipeline.publisher_task.await;
         // 4. Let the writers drain the queue into PostgreSQL and ack.
-        let drained = match rabbit::connect(&pipeline.rabbit, "flashsale-shutdown").await {
-            Ok(conn) => {
-                let ok = match conn.create_channel().await {
-                    Ok(ch) => {
-                        wait_drained(
-                            &ch,
-                            &pipeline.rabbit.queue,
-                            &pipeline.writer_stats,
-                            Duration::from_secs(10),
-                        )
-                        .await
-                    }
-                    Err(_) => false,
-                };
+        let drained = match rabbit::open(&pipeline.rabbit, "flashsale-shutdown").await {
+            Ok((conn, channel)) => {
+                let drained = wait_drained(
+                    &channel,
+                    &pipeline.rabbit.queue,
+                    &pipeline.writer_stats,
+                    Duration::from_secs(10),
+                )
+                .await;
                 let _ = conn.close(200, "shutdown".into()).await;
-                ok
+                drained
             }
             Err(_) => false,
         };
@@ -331,19 +326,7 @@ impl Application {
 /// Fails start-up clearly when the broker cannot be reached, and declares
 /// the topology so the drain below has a queue to read.
 async fn check_broker(settings: &RabbitSettings) -> Result<(), StartupError> {
-    let conn = rabbit::connect(settings, "flashsale-startup").await?;
-    let unreachable = |e: lapin::Error| {
-        Unreachable::new(
-            "RabbitMQ",
-            redact_url(settings.url.expose_secret()),
-            "rabbitmq.url",
-            e,
-        )
-    };
-    let channel = conn.create_channel().await.map_err(unreachable)?;
-    rabbit::declare_topology(&channel, settings)
-        .await
-        .map_err(unreachable)?;
+    let (conn, _) = rabbit::open(settings, "flashsale-startup").await?;
     let _ = conn.close(200, "checked".into()).await;
     Ok(())
 }

@@ -92,11 +92,7 @@ impl OrderWriter {
         let prefetch = self.config.orders.writer_prefetch;
         let name = format!("flashsale-writer-{}", self.index);
         let fut = async move {
-            let conn = rabbit::connect(&rabbit, &name)
-                .await
-                .map_err(|e| e.to_string())?;
-            let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-            rabbit::declare_topology(&channel, &rabbit)
+            let (conn, channel) = rabbit::open(&rabbit, &name)
                 .await
                 .map_err(|e| e.to_string())?;
             channel
@@ -310,11 +306,7 @@ pub async fn drain_queue(
     stats: &WriterStats,
     timeout: Duration,
 ) -> Result<u64, String> {
-    let conn = rabbit::connect(&config.rabbit, "flashsale-recovery")
-        .await
-        .map_err(|e| e.to_string())?;
-    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-    rabbit::declare_topology(&channel, &config.rabbit)
+    let (conn, channel) = rabbit::open(&config.rabbit, "flashsale-recovery")
         .await
         .map_err(|e| e.to_string())?;
     let deadline = tokio::time::Instant::now() + timeout;

@@ -168,6 +168,36 @@ pub struct SaleHandle {
     pub shared: Arc<SaleShared>,
 }
 
+/// Why a message was not handed to a stock actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendRefused {
+    /// `stock.mailbox_capacity` messages wait already.
+    MailboxFull,
+    /// The actor has stopped.
+    Stopped,
+}
+
+impl SaleHandle {
+    /// Hands a purchase or an order action to the actor within the mailbox
+    /// bound, never waiting: a full mailbox is an answer, not a queue.
+    pub fn send_bounded<M>(&self, msg: M) -> Result<(), SendRefused>
+    where
+        M: actix::Message<Result = ()> + Send + 'static,
+        StockActor: actix::Handler<M>,
+    {
+        if !self.shared.admit() {
+            return Err(SendRefused::MailboxFull);
+        }
+        self.addr.try_send(msg).map_err(|e| {
+            self.shared.leave();
+            match e {
+                actix::prelude::SendError::Full(_) => SendRefused::MailboxFull,
+                actix::prelude::SendError::Closed(_) => SendRefused::Stopped,
+            }
+        })
+    }
+}
+
 /// Durable orders by id and by user, written by stock actors. Orders are
 /// behind `Arc` so that growing the map moves pointers, not orders.
 #[derive(Default)]

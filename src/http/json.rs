@@ -19,7 +19,8 @@ pub struct BodyLimit(pub usize);
 /// A deserialised JSON body.
 pub struct ApiJson<T>(pub T);
 
-fn is_json(req: &HttpRequest) -> bool {
+/// Whether the body is declared JSON: `application/json` or `application/*+json`.
+pub(crate) fn is_json(req: &HttpRequest) -> bool {
     let Some(value) = req.headers().get(header::CONTENT_TYPE) else {
         return false;
     };
@@ -35,12 +36,13 @@ fn is_json(req: &HttpRequest) -> bool {
             && essence.to_ascii_lowercase().ends_with("+json"))
 }
 
-/// Reads the whole body, refusing it as soon as it passes `limit`.
+/// Reads the whole body, refusing it as soon as it passes the configured
+/// limit (`server.max_body_bytes`, registered as [`BodyLimit`]).
 pub(crate) async fn read_body(
     req: &HttpRequest,
     payload: &mut Payload,
-    limit: usize,
 ) -> Result<Vec<u8>, ApiError> {
+    let limit = req.app_data::<BodyLimit>().map_or(16 * 1024, |l| l.0);
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -94,8 +96,7 @@ impl<T: DeserializeOwned + 'static> FromRequest for ApiJson<T> {
             if !is_json(&req) {
                 return Err(ApiError::UnsupportedMediaType);
             }
-            let limit = req.app_data::<BodyLimit>().map_or(16 * 1024, |l| l.0);
-            let body = read_body(&req, &mut payload, limit).await?;
+            let body = read_body(&req, &mut payload).await?;
             parse_json(&body).map(ApiJson)
         })
     }

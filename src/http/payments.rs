@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, Problem};
-use super::json::{parse_json, read_body, BodyLimit};
+use super::json::{parse_json, read_body};
 use super::purchases::pay_approved;
 use super::AppState;
 use crate::domain::order::Order;
@@ -38,8 +38,7 @@ pub async fn webhook(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = req.app_data::<BodyLimit>().map_or(16 * 1024, |l| l.0);
-    let body = read_body(&req, &mut payload.into_inner(), limit).await?;
+    let body = read_body(&req, &mut payload.into_inner()).await?;
     let header = req
         .headers()
         .get(SIGNATURE_HEADER)

@@ -16,10 +16,11 @@ use uuid::Uuid;
 
 use super::auth::Shopper;
 use super::error::{ApiError, Problem};
-use super::json::{parse_json, read_body, BodyLimit};
+use super::json::{is_json, parse_json, read_body};
 use super::sales::sale_id;
 use super::AppState;
-use crate::actors::stock::{ActionReply, OrderAction, PurchaseReply, Reserve};
+use crate::actors::registry::{SaleHandle, SendRefused};
+use crate::actors::stock::{ActionReply, OrderAction, PurchaseReply, Reserve, StockActor};
 use crate::domain::order::{Order, OrderStatus};
 use crate::domain::sale_book::{Action, ActionRefused};
 use crate::domain::ValidationError;
@@ -65,21 +66,11 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
 }
 
 async fn quantity(req: &HttpRequest, payload: &mut Payload) -> Result<u32, ApiError> {
-    let limit = req.app_data::<BodyLimit>().map_or(16 * 1024, |l| l.0);
-    let body = read_body(req, payload, limit).await?;
+    let body = read_body(req, payload).await?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(1);
     }
-    let is_json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-        });
-    if !is_json {
+    if !is_json(req) {
         return Err(ApiError::UnsupportedMediaType);
     }
     let body: PurchaseBody = parse_json(&body)?;
@@ -139,26 +130,12 @@ pub async fn purchase(
         reply: tx,
         span: tracing::Span::current(),
     };
-    if !handle.shared.admit() {
-        return Err(ApiError::Overloaded { retry_after_secs });
-    }
-    if let Err(e) = handle.addr.try_send(msg) {
-        handle.shared.leave();
-        return Err(match e {
-            actix::prelude::SendError::Full(_) => ApiError::Overloaded { retry_after_secs },
-            actix::prelude::SendError::Closed(_) => ApiError::Unavailable {
-                reason: "the sale is not running",
-                retry_after_secs,
-            },
-        });
-    }
     let unavailable = ApiError::Unavailable {
         reason: "the order could not be made durable in time; it may still appear in your orders",
         retry_after_secs,
     };
-    let reply = match tokio::time::timeout(state.confirm_timeout, rx).await {
-        Ok(Ok(reply)) => reply,
-        Ok(Err(_)) | Err(_) => return Err(unavailable),
+    let Some(reply) = ask(state, &handle, msg, rx).await? else {
+        return Err(unavailable);
     };
     match reply {
         PurchaseReply::Created(order) => Ok(HttpResponse::Created()
@@ -169,6 +146,33 @@ pub async fn purchase(
         PurchaseReply::Overloaded => Err(ApiError::Overloaded { retry_after_secs }),
         PurchaseReply::Unavailable => Err(unavailable),
     }
+}
+
+/// Hands `msg` to the sale's actor within its mailbox bound and waits, up to
+/// `orders.confirm_timeout_ms`, for the answer on `reply`: `None` when none
+/// came in time (the order may still become durable).
+async fn ask<M, R>(
+    state: &AppState,
+    handle: &SaleHandle,
+    msg: M,
+    reply: oneshot::Receiver<R>,
+) -> Result<Option<R>, ApiError>
+where
+    M: actix::Message<Result = ()> + Send + 'static,
+    StockActor: actix::Handler<M>,
+{
+    let retry_after_secs = state.retry_after_secs;
+    handle.send_bounded(msg).map_err(|refused| match refused {
+        SendRefused::MailboxFull => ApiError::Overloaded { retry_after_secs },
+        SendRefused::Stopped => ApiError::Unavailable {
+            reason: "the sale is not running",
+            retry_after_secs,
+        },
+    })?;
+    Ok(tokio::time::timeout(state.confirm_timeout, reply)
+        .await
+        .ok()
+        .and_then(Result::ok))
 }
 
 /// Ids that are not UUIDs name no order.
@@ -247,9 +251,6 @@ pub(crate) async fn act(
             retry_after_secs,
         });
     }
-    if !handle.shared.admit() {
-        return Err(ApiError::Overloaded { retry_after_secs });
-    }
     let (tx, rx) = oneshot::channel();
     let msg = OrderAction {
         order_id: order.id,
@@ -258,28 +259,21 @@ pub(crate) async fn act(
         reply: tx,
         span: tracing::Span::current(),
     };
-    if handle.addr.try_send(msg).is_err() {
-        handle.shared.leave();
-        return Err(ApiError::Unavailable {
-            reason: "the sale is not running",
-            retry_after_secs,
-        });
-    }
     let unavailable = ApiError::Unavailable {
         reason: "the change could not be made durable in time",
         retry_after_secs,
     };
-    let result = match tokio::time::timeout(state.confirm_timeout, rx).await {
-        Ok(Ok(ActionReply::Done { order, changed })) => Ok((order, changed)),
-        Ok(Ok(ActionReply::Refused(r))) => Err(match r {
+    let result = match ask(state, &handle, msg, rx).await? {
+        Some(ActionReply::Done { order, changed }) => Ok((order, changed)),
+        Some(ActionReply::Refused(r)) => Err(match r {
             ActionRefused::NotFound => ApiError::OrderNotFound,
             ActionRefused::Expired => ApiError::ReservationExpired,
             ActionRefused::Cancelled => ApiError::OrderCancelled,
             ActionRefused::Paid => ApiError::OrderPaid,
             ActionRefused::NotDurable => unavailable,
         }),
-        Ok(Ok(ActionReply::Overloaded)) => Err(ApiError::Overloaded { retry_after_secs }),
-        Ok(Ok(ActionReply::Unavailable)) | Ok(Err(_)) | Err(_) => Err(unavailable),
+        Some(ActionReply::Overloaded) => Err(ApiError::Overloaded { retry_after_secs }),
+        Some(ActionReply::Unavailable) | None => Err(unavailable),
     };
     let outcome = match &result {
         Ok((_, true)) => "done",

@@ -59,11 +59,12 @@ pub enum ApplyError {
     Transient(#[from] tokio_postgres::Error),
 }
 
-pub fn encode(entries: &[LogEntry]) -> Vec<u8> {
+/// One message for a batch, serialised from references (no copy of the orders).
+pub fn encode(entries: &[&LogEntry]) -> Vec<u8> {
     #[derive(Serialize)]
     struct Out<'a> {
         v: u32,
-        entries: &'a [LogEntry],
+        entries: &'a [&'a LogEntry],
     }
     // Serialising plain data into a Vec cannot fail.
     serde_json::to_vec(&Out {
@@ -178,9 +179,10 @@ mod tests {
             idempotency_key: Some("k".into()),
         };
         let entries = vec![LogEntry::Reserve { order }];
-        let msg = decode(&encode(&entries)).unwrap_or_else(|e| panic!("{e}"));
+        let refs: Vec<&LogEntry> = entries.iter().collect();
+        let msg = decode(&encode(&refs)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(msg.entries, entries);
-        let other = String::from_utf8(encode(&entries))
+        let other = String::from_utf8(encode(&refs))
             .unwrap_or_default()
             .replacen("\"v\":1", "\"v\":99", 1);
         assert!(matches!(

@@ -182,11 +182,7 @@ struct Link {
 }
 
 async fn connect_link(settings: &RabbitSettings) -> Result<Link, String> {
-    let conn = rabbit::connect(settings, "flashsale-publisher")
-        .await
-        .map_err(|e| e.to_string())?;
-    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-    rabbit::declare_topology(&channel, settings)
+    let (conn, channel) = rabbit::open(settings, "flashsale-publisher")
         .await
         .map_err(|e| e.to_string())?;
     channel
@@ -353,7 +349,7 @@ async fn publish(
     };
     stats.unconfirmed_batches.fetch_add(1, Ordering::Relaxed);
     deps.metrics.batch_size.observe(batch.len() as f64);
-    let entries: Vec<LogEntry> = batch.iter().map(|r| r.entry.clone()).collect();
+    let entries: Vec<&LogEntry> = batch.iter().map(|r| &r.entry).collect();
     let payload = encode(&entries);
     let started = Instant::now();
     let published = link

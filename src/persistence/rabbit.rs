@@ -34,6 +34,28 @@ pub async fn connect(settings: &RabbitSettings, name: &str) -> Result<Connection
     }
 }
 
+/// Connects and opens a channel on which the topology is declared: what every
+/// user of the broker (start-up check, publisher, writers, recovery) starts with.
+pub async fn open(
+    settings: &RabbitSettings,
+    name: &str,
+) -> Result<(Connection, Channel), Unreachable> {
+    let conn = connect(settings, name).await?;
+    let unreachable = |e: lapin::Error| {
+        Unreachable::new(
+            "RabbitMQ",
+            redact_url(settings.url.expose_secret()),
+            "rabbitmq.url",
+            e,
+        )
+    };
+    let channel = conn.create_channel().await.map_err(unreachable)?;
+    declare_topology(&channel, settings)
+        .await
+        .map_err(unreachable)?;
+    Ok((conn, channel))
+}
+
 /// Declares the order queue, its dead-letter exchange and the dead-letter
 /// queue. Safe to call any number of times with the same settings.
 pub async fn declare_topology(channel: &Channel, settings: &RabbitSettings) -> lapin::Result<()> {
