@@ -135,7 +135,7 @@ impl Application {
             snapshot_interval: Duration::from_millis(settings.stock.snapshot_interval_ms.max(1)),
             expiry_tick: Duration::from_millis(settings.stock.expiry_tick_ms.max(1)),
             breakers: breakers.clone(),
-            arbiter: actix::Arbiter::current(),
+            arbiter: pipeline_arbiter.handle(),
         };
 
         // Recovery, step 2: every sale's book from PostgreSQL.

@@ -2,9 +2,10 @@
 //!
 //! A pool of these actors (`orders.writers`) each holds its own RabbitMQ
 //! channel (manual acks, `orders.writer_prefetch` in flight) and its own
-//! PostgreSQL connection. A delivery is applied in one transaction with one
-//! statement per kind of entry, idempotently, and acked only after the commit:
-//! a crash between the two redelivers the message, which then changes nothing.
+//! PostgreSQL connection. The deliveries that arrived while the previous
+//! write ran are applied together with one statement, idempotently, and each
+//! is acked only after that commit: a crash between the two redelivers the
+//! messages, which then change nothing.
 //! A message that can never be applied is rejected to the dead-letter queue
 //! and counted; a transient failure is retried with backoff, in place, so the
 //! order of the log is kept and nothing loops through the queue.
@@ -23,7 +24,7 @@ use lapin::{Channel, Connection};
 use tracing::Instrument;
 
 use crate::config::{OrderSettings, RabbitSettings};
-use crate::persistence::order_log::{self, ApplyError};
+use crate::persistence::order_log::{self, ApplyError, OrderStore};
 use crate::persistence::rabbit;
 
 /// Counters shared by the whole writer pool.
@@ -66,10 +67,15 @@ pub struct OrderWriter {
     index: usize,
     config: WriterConfig,
     stats: Arc<WriterStats>,
-    client: Option<tokio_postgres::Client>,
+    client: Option<OrderStore>,
     link: Option<(Connection, Channel)>,
     backoff: Duration,
     stopping: bool,
+    /// Deliveries received while a write runs; the next write takes them all.
+    waiting: Vec<Delivery>,
+    writing: bool,
+    /// Told when the writer holds nothing any more (for `StopWriter`).
+    on_idle: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl OrderWriter {
@@ -83,7 +89,40 @@ impl OrderWriter {
             link: None,
             backoff,
             stopping: false,
+            waiting: Vec::new(),
+            writing: false,
+            on_idle: None,
         }
+    }
+
+    /// Writes every waiting delivery in one go, then looks again.
+    fn write_waiting(&mut self, ctx: &mut Context<Self>) {
+        if self.writing {
+            return;
+        }
+        if self.waiting.is_empty() {
+            if let Some(idle) = self.on_idle.take() {
+                let _ = idle.send(());
+            }
+            return;
+        }
+        self.writing = true;
+        let deliveries = std::mem::take(&mut self.waiting);
+        let count = deliveries.len();
+        let store = self.client.take();
+        let config = self.config.clone();
+        let stats = self.stats.clone();
+        ctx.spawn(
+            async move { write_deliveries(store, &config, &stats, deliveries).await }
+                .instrument(tracing::debug_span!("order_writer", writer = self.index))
+                .into_actor(self)
+                .map(move |store, act, ctx| {
+                    act.client = store;
+                    act.writing = false;
+                    act.stats.in_flight.fetch_sub(count, Ordering::AcqRel);
+                    act.write_waiting(ctx);
+                }),
+        );
     }
 
     /// Connects to the broker and starts consuming; retries with backoff.
@@ -155,19 +194,8 @@ impl StreamHandler<lapin::Result<Delivery>> for OrderWriter {
             }
         };
         self.stats.in_flight.fetch_add(1, Ordering::AcqRel);
-        let client = self.client.take();
-        let config = self.config.clone();
-        let stats = self.stats.clone();
-        // `wait`: one delivery at a time per writer, in the order received.
-        ctx.wait(
-            async move { write_delivery(client, &config, &stats, delivery).await }
-                .instrument(tracing::debug_span!("order_writer", writer = self.index))
-                .into_actor(self)
-                .map(|client, act, _| {
-                    act.client = client;
-                    act.stats.in_flight.fetch_sub(1, Ordering::AcqRel);
-                }),
-        );
+        self.waiting.push(delivery);
+        self.write_waiting(ctx);
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
@@ -183,7 +211,8 @@ impl StreamHandler<lapin::Result<Delivery>> for OrderWriter {
     }
 }
 
-/// Stops a writer after the delivery it holds, closing its connections.
+/// Stops a writer once it has written the deliveries it holds, closing its
+/// connections.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct StopWriter;
@@ -191,57 +220,96 @@ pub struct StopWriter;
 impl Handler<StopWriter> for OrderWriter {
     type Result = ResponseActFuture<Self, ()>;
 
-    fn handle(&mut self, _: StopWriter, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, _: StopWriter, ctx: &mut Self::Context) -> Self::Result {
         self.stopping = true;
-        let link = self.link.take();
+        let (idle_tx, idle) = tokio::sync::oneshot::channel();
+        self.on_idle = Some(idle_tx);
+        self.write_waiting(ctx);
         Box::pin(
             async move {
-                if let Some((conn, _channel)) = link {
-                    // Closing the connection closes its channel.
-                    let _ = conn.close(200, "shutdown".into()).await;
-                }
+                let _ = idle.await;
             }
             .into_actor(self)
+            .then(|_, act, _| {
+                let link = act.link.take();
+                async move {
+                    if let Some((conn, _channel)) = link {
+                        // Closing the connection closes its channel.
+                        let _ = conn.close(200, "shutdown".into()).await;
+                    }
+                }
+                .into_actor(act)
+            })
             .map(|_, _, ctx| ctx.stop()),
         )
     }
 }
 
-async fn connect_db(
-    config: &tokio_postgres::Config,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+async fn connect_db(config: &tokio_postgres::Config) -> Result<OrderStore, tokio_postgres::Error> {
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     actix::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "order writer database connection closed");
         }
     });
-    Ok(client)
+    OrderStore::new(client).await
 }
 
-/// Applies one delivery, retrying transient failures until it is written;
-/// acks it after the commit or rejects it to the dead-letter queue. Returns
-/// the database connection for the next delivery.
-pub async fn write_delivery(
-    mut client: Option<tokio_postgres::Client>,
+/// Applies deliveries taken together (what arrived while the previous write
+/// ran), retrying transient failures until they are written; acks each after
+/// the commit or rejects it to the dead-letter queue. Returns the database
+/// session for the next write.
+///
+/// Taking every waiting message into one statement makes the writers'
+/// batches grow by themselves when they fall behind, which is when the
+/// per-statement cost matters. If such a statement is refused for its data,
+/// each message is applied alone so that only the bad one is dead-lettered.
+pub async fn write_deliveries(
+    mut store: Option<OrderStore>,
     config: &WriterConfig,
     stats: &WriterStats,
-    delivery: Delivery,
-) -> Option<tokio_postgres::Client> {
-    let msg = match order_log::decode(&delivery.data) {
-        Ok(m) => m,
-        Err(e) => {
-            dead_letter(&delivery, stats, &e).await;
-            return client;
+    deliveries: Vec<Delivery>,
+) -> Option<OrderStore> {
+    let mut decoded = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        match order_log::decode(&delivery.data) {
+            Ok(msg) => decoded.push((delivery, msg)),
+            Err(e) => dead_letter(&delivery, stats, &e).await,
         }
-    };
-    tracing::debug!(entries = msg.entries.len(), "writing order-log message");
+    }
+    // When a set is refused, some message in it is bad: find it below.
+    if decoded.len() > 1
+        && write_messages(&mut store, config, stats, &decoded)
+            .await
+            .is_ok()
+    {
+        return store;
+    }
+    for one in decoded.chunks(1) {
+        if let Err(e) = write_messages(&mut store, config, stats, one).await {
+            dead_letter(&one[0].0, stats, &e).await;
+        }
+    }
+    store
+}
+
+/// Applies `messages` in one statement, retrying transient failures with
+/// backoff; acks every delivery once written. Errs only when the data is
+/// refused (nothing was written and nothing acked).
+async fn write_messages(
+    store: &mut Option<OrderStore>,
+    config: &WriterConfig,
+    stats: &WriterStats,
+    messages: &[(Delivery, order_log::LogMessage)],
+) -> Result<(), ApplyError> {
+    let msgs: Vec<&order_log::LogMessage> = messages.iter().map(|(_, m)| m).collect();
+    tracing::debug!(messages = msgs.len(), "writing order-log messages");
     let mut backoff = Duration::from_millis(config.orders.retry_initial_ms.max(1));
     let max = Duration::from_millis(config.orders.retry_max_ms);
     loop {
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = match connect_db(&config.database).await {
-                Ok(c) => Some(c),
+        if store.as_ref().is_none_or(|c| c.is_closed()) {
+            match connect_db(&config.database).await {
+                Ok(c) => *store = Some(c),
                 Err(e) => {
                     stats.retries.fetch_add(1, Ordering::Relaxed);
                     stats.set_error(format!("database: {e}"));
@@ -251,11 +319,11 @@ pub async fn write_delivery(
                     backoff = (backoff * 2).min(max);
                     continue;
                 }
-            };
+            }
         }
-        let Some(c) = client.as_mut() else { continue };
+        let Some(c) = store.as_mut() else { continue };
         let started = std::time::Instant::now();
-        match order_log::apply(c, &msg).await {
+        match c.apply(&msgs).await {
             Ok(rows) => {
                 config.breakers.postgres.record_success();
                 config
@@ -265,19 +333,20 @@ pub async fn write_delivery(
                 stats
                     .last_batch_us
                     .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                    // Written but not acked: the broker redelivers it and the
-                    // idempotent apply changes nothing.
-                    tracing::warn!(error = %e, "ack failed after commit");
+                for (delivery, _) in messages {
+                    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                        // Written but not acked: the broker redelivers it and
+                        // the idempotent apply changes nothing.
+                        tracing::warn!(error = %e, "ack failed after commit");
+                    }
                 }
-                stats.messages_written.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .messages_written
+                    .fetch_add(messages.len() as u64, Ordering::Relaxed);
                 stats.rows_written.fetch_add(rows, Ordering::Relaxed);
-                return client;
+                return Ok(());
             }
-            Err(e @ ApplyError::Malformed(_)) => {
-                dead_letter(&delivery, stats, &e).await;
-                return client;
-            }
+            Err(e @ ApplyError::Malformed(_)) => return Err(e),
             Err(ApplyError::Transient(e)) => {
                 stats.retries.fetch_add(1, Ordering::Relaxed);
                 stats.set_error(format!("database: {e}"));
@@ -331,8 +400,23 @@ pub async fn drain_queue(
             .await
             .map_err(|e| e.to_string())?;
         let Some(message) = got else { break };
-        client = write_delivery(client, config, stats, message.delivery).await;
-        handled += 1;
+        let mut deliveries = vec![message.delivery];
+        // Up to a writer's prefetch window per statement, as the consumers do.
+        while deliveries.len() < usize::from(config.orders.writer_prefetch.max(1)) {
+            let more = channel
+                .basic_get(
+                    config.rabbit.queue.as_str().into(),
+                    BasicGetOptions::default(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            match more {
+                Some(m) => deliveries.push(m.delivery),
+                None => break,
+            }
+        }
+        handled += deliveries.len() as u64;
+        client = write_deliveries(client, config, stats, deliveries).await;
     }
     let _ = conn.close(200, "recovery done".into()).await;
     Ok(handled)

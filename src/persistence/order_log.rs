@@ -12,7 +12,6 @@
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::GenericClient;
 
 use crate::domain::order::Order;
 
@@ -101,59 +100,117 @@ fn classify(e: tokio_postgres::Error) -> ApplyError {
     }
 }
 
-/// Applies every entry of a message in one transaction with one statement;
-/// returns the rows inserted or moved (a replayed message moves none).
-pub async fn apply(
-    client: &mut tokio_postgres::Client,
-    msg: &LogMessage,
-) -> Result<u64, ApplyError> {
-    // One row per order, its latest state (a row may be touched only once
-    // per statement), sorted by id so concurrent writers lock in one order.
-    let mut latest: std::collections::BTreeMap<uuid::Uuid, &Order> = Default::default();
-    for e in &msg.entries {
-        let o = e.order();
-        latest.insert(o.id, o);
-    }
-    let orders: Vec<&Order> = latest.into_values().collect();
-    let tx = client.transaction().await.map_err(classify)?;
-    let changed = upsert(&tx, &orders).await.map_err(classify)?;
-    tx.commit().await.map_err(classify)?;
-    Ok(changed)
+/// A writer's session with PostgreSQL: its connection, the upsert prepared
+/// once, and the sales it has already seen exist.
+///
+/// Applying a message is one prepared statement (atomic on its own, so no
+/// explicit transaction and no extra round trips). `orders.sale_id` has no
+/// foreign key (migration V3): every order of a hot sale would take a
+/// `FOR KEY SHARE` lock on the same `sales` row, and with several writers
+/// PostgreSQL turns those into multixacts, which cost more than the insert.
+/// Sales are never deleted, so the store checks each sale id once per
+/// connection and refuses a message naming an unknown sale, as the foreign
+/// key did.
+pub struct OrderStore {
+    client: tokio_postgres::Client,
+    upsert: tokio_postgres::Statement,
+    known_sales: std::collections::HashSet<uuid::Uuid>,
 }
 
-async fn upsert<C: GenericClient>(
-    client: &C,
-    orders: &[&Order],
-) -> Result<u64, tokio_postgres::Error> {
-    if orders.is_empty() {
-        return Ok(0);
+const UPSERT_ORDERS: &str = "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at) \
+     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[], \
+                          $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[]) \
+     ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, paid_at = EXCLUDED.paid_at, closed_at = EXCLUDED.closed_at \
+     WHERE orders.status = 'reserved' AND EXCLUDED.status <> 'reserved'";
+
+impl OrderStore {
+    /// Prepares the upsert on `client`.
+    pub async fn new(client: tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
+        let upsert = client.prepare(UPSERT_ORDERS).await?;
+        Ok(OrderStore {
+            client,
+            upsert,
+            known_sales: Default::default(),
+        })
     }
-    let ids: Vec<_> = orders.iter().map(|o| o.id).collect();
-    let sales: Vec<_> = orders.iter().map(|o| o.sale_id).collect();
-    let users: Vec<_> = orders.iter().map(|o| o.user_id).collect();
-    let qty: Vec<i32> = orders
-        .iter()
-        .map(|o| i32::try_from(o.quantity).unwrap_or(i32::MAX))
-        .collect();
-    let status: Vec<&str> = orders.iter().map(|o| o.status.as_str()).collect();
-    let keys: Vec<Option<&str>> = orders
-        .iter()
-        .map(|o| o.idempotency_key.as_deref())
-        .collect();
-    let created: Vec<_> = orders.iter().map(|o| o.created_at).collect();
-    let expires: Vec<_> = orders.iter().map(|o| o.expires_at).collect();
-    let paid: Vec<_> = orders.iter().map(|o| o.paid_at).collect();
-    let closed: Vec<_> = orders.iter().map(|o| o.closed_at).collect();
-    client
-        .execute(
-            "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at) \
-             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[], \
-                                  $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[]) \
-             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, paid_at = EXCLUDED.paid_at, closed_at = EXCLUDED.closed_at \
-             WHERE orders.status = 'reserved' AND EXCLUDED.status <> 'reserved'",
-            &[&ids, &sales, &users, &qty, &status, &keys, &created, &expires, &paid, &closed],
-        )
-        .await
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Applies every entry of `msgs`, in their order, with one statement;
+    /// returns the rows inserted or moved (a replayed message moves none).
+    pub async fn apply(&mut self, msgs: &[&LogMessage]) -> Result<u64, ApplyError> {
+        // One row per order, its latest state (a row may be touched only
+        // once per statement), sorted by id so concurrent writers lock in one
+        // order.
+        let mut latest: std::collections::BTreeMap<uuid::Uuid, &Order> = Default::default();
+        for e in msgs.iter().flat_map(|m| &m.entries) {
+            let o = e.order();
+            latest.insert(o.id, o);
+        }
+        let orders: Vec<&Order> = latest.into_values().collect();
+        if orders.is_empty() {
+            return Ok(0);
+        }
+        self.check_sales(&orders).await?;
+        self.upsert(&orders).await.map_err(classify)
+    }
+
+    /// Refuses a message naming a sale that does not exist.
+    async fn check_sales(&mut self, orders: &[&Order]) -> Result<(), ApplyError> {
+        let mut unknown: Vec<uuid::Uuid> = orders
+            .iter()
+            .map(|o| o.sale_id)
+            .filter(|id| !self.known_sales.contains(id))
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        unknown.sort_unstable();
+        unknown.dedup();
+        let rows = self
+            .client
+            .query("SELECT id FROM sales WHERE id = ANY($1)", &[&unknown])
+            .await
+            .map_err(classify)?;
+        for row in rows {
+            self.known_sales.insert(row.try_get(0).map_err(classify)?);
+        }
+        match unknown.iter().find(|id| !self.known_sales.contains(id)) {
+            Some(missing) => Err(ApplyError::Malformed(format!(
+                "order for sale {missing}, which does not exist"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    async fn upsert(&self, orders: &[&Order]) -> Result<u64, tokio_postgres::Error> {
+        let ids: Vec<_> = orders.iter().map(|o| o.id).collect();
+        let sales: Vec<_> = orders.iter().map(|o| o.sale_id).collect();
+        let users: Vec<_> = orders.iter().map(|o| o.user_id).collect();
+        let qty: Vec<i32> = orders
+            .iter()
+            .map(|o| i32::try_from(o.quantity).unwrap_or(i32::MAX))
+            .collect();
+        let status: Vec<&str> = orders.iter().map(|o| o.status.as_str()).collect();
+        let keys: Vec<Option<&str>> = orders
+            .iter()
+            .map(|o| o.idempotency_key.as_deref())
+            .collect();
+        let created: Vec<_> = orders.iter().map(|o| o.created_at).collect();
+        let expires: Vec<_> = orders.iter().map(|o| o.expires_at).collect();
+        let paid: Vec<_> = orders.iter().map(|o| o.paid_at).collect();
+        let closed: Vec<_> = orders.iter().map(|o| o.closed_at).collect();
+        self.client
+            .execute(
+                &self.upsert,
+                &[
+                    &ids, &sales, &users, &qty, &status, &keys, &created, &expires, &paid, &closed,
+                ],
+            )
+            .await
+    }
 }
 
 #[cfg(test)]
