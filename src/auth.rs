@@ -77,8 +77,18 @@ impl TokenKeys {
 
     /// The user id a valid token was issued to.
     pub fn verify(&self, token: &str) -> Result<Uuid, TokenError> {
+        Ok(self.verify_claims(token)?.sub)
+    }
+
+    /// The claims of a valid token.
+    pub fn verify_claims(&self, token: &str) -> Result<Claims, TokenError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?;
-        Ok(data.claims.sub)
+        Ok(data.claims)
+    }
+
+    /// Seconds past `exp` that a token is still accepted (clock skew).
+    pub fn leeway_secs(&self) -> i64 {
+        i64::try_from(self.validation.leeway).unwrap_or(0)
     }
 }
 

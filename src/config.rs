@@ -143,6 +143,7 @@ pub struct AuthSettings {
     pub jwt_secret: SecretString,
     pub jwt_issuer: String,
     pub token_ttl_secs: u64,
+    pub token_cache_per_worker: usize,
     pub admin_token: SecretString,
     pub argon2_memory_kib: u32,
     pub argon2_iterations: u32,

@@ -221,10 +221,12 @@ impl Application {
         };
         let limit = BodyLimit(server_settings.max_body_bytes);
         let app_state = state.clone();
+        let token_cache = settings.auth.token_cache_per_worker;
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(app_state.clone())
                 .app_data(limit)
+                .app_data(http::auth::TokenCache::new(token_cache))
                 .configure(http::routes)
                 .wrap_fn(http::edge_guard)
                 .wrap_fn(http::request_context)

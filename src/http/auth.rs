@@ -1,6 +1,8 @@
 //! Extractors that say who is calling: a shopper (bearer JWT) or an admin
 //! (the configured admin token). Handlers that take one cannot run without it.
 
+use std::cell::RefCell;
+
 use actix_web::dev::Payload;
 use actix_web::http::header;
 use actix_web::{web, FromRequest, HttpRequest};
@@ -38,14 +40,116 @@ impl FromRequest for Shopper {
         ready((|| {
             let state = state(req)?;
             let token = bearer(req).ok_or(ApiError::Unauthenticated)?;
-            match state.tokens.verify(token) {
-                Ok(user_id) => Ok(Shopper { user_id }),
+            let cache = req.app_data::<TokenCache>();
+            let now = chrono::Utc::now().timestamp();
+            let leeway = state.tokens.leeway_secs();
+            if let Some(user_id) = cache.and_then(|c| c.get(token, now, leeway)) {
+                return Ok(Shopper { user_id });
+            }
+            match state.tokens.verify_claims(token) {
+                Ok(claims) => {
+                    if let Some(c) = cache {
+                        c.insert(token, claims.sub, claims.exp);
+                    }
+                    Ok(Shopper {
+                        user_id: claims.sub,
+                    })
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "token refused");
                     Err(ApiError::Unauthenticated)
                 }
             }
         })())
+    }
+}
+
+/// Shopper tokens this HTTP worker has verified: token -> (user, `exp`).
+///
+/// One per worker (built in the `App` factory), so it needs no lock. The key
+/// is the whole token, so a hit stands for exactly the bytes that were
+/// verified (signature, issuer and all); only expiry changes with time, and
+/// it is checked on every hit with the same leeway as verification. Bounded
+/// by `auth.token_cache_per_worker`, evicting with quick_cache's
+/// scan-resistant policy, so a crowd of one-time buyers does not push out
+/// the ones pressing "buy" again.
+pub struct TokenCache(Option<RefCell<VerifiedTokens>>);
+
+/// Token -> (user id, `exp` in seconds).
+type VerifiedTokens = quick_cache::unsync::Cache<Box<str>, (Uuid, i64)>;
+
+impl TokenCache {
+    /// A cache of `capacity` tokens; 0 remembers none.
+    pub fn new(capacity: usize) -> Self {
+        TokenCache((capacity > 0).then(|| RefCell::new(quick_cache::unsync::Cache::new(capacity))))
+    }
+
+    /// The user of a remembered token that has not expired at `now`
+    /// (seconds), allowing `leeway` seconds past `exp`.
+    pub fn get(&self, token: &str, now: i64, leeway: i64) -> Option<Uuid> {
+        let cache = self.0.as_ref()?;
+        let (user, exp) = *cache.borrow().get(token)?;
+        if exp >= now.saturating_sub(leeway) {
+            return Some(user);
+        }
+        cache.borrow_mut().remove(token);
+        None
+    }
+
+    /// Remembers a token that has just been verified.
+    pub fn insert(&self, token: &str, user: Uuid, exp: i64) {
+        if let Some(cache) = &self.0 {
+            cache.borrow_mut().insert(token.into(), (user, exp));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembers_verified_tokens_until_they_expire() {
+        let cache = TokenCache::new(8);
+        let user = Uuid::new_v4();
+        assert_eq!(cache.get("a.b.c", 1_000, 5), None, "nothing before insert");
+        cache.insert("a.b.c", user, 1_000);
+        assert_eq!(cache.get("a.b.c", 1_000, 5), Some(user));
+        assert_eq!(
+            cache.get("a.b.c", 1_005, 5),
+            Some(user),
+            "within the leeway"
+        );
+        assert_eq!(
+            cache.get("a.b.x", 1_000, 5),
+            None,
+            "another token is not a hit"
+        );
+        assert_eq!(cache.get("a.b.c", 1_006, 5), None, "expired");
+        assert_eq!(
+            cache.get("a.b.c", 1_000, 5),
+            None,
+            "an expired entry is dropped"
+        );
+    }
+
+    #[test]
+    fn a_zero_capacity_remembers_nothing() {
+        let cache = TokenCache::new(0);
+        cache.insert("a.b.c", Uuid::new_v4(), i64::MAX);
+        assert_eq!(cache.get("a.b.c", 0, 0), None);
+    }
+
+    #[test]
+    fn stays_within_its_capacity() {
+        let cache = TokenCache::new(100);
+        for i in 0..10_000 {
+            cache.insert(&format!("token-{i}"), Uuid::new_v4(), i64::MAX);
+        }
+        let held = (0..10_000)
+            .filter(|i| cache.get(&format!("token-{i}"), 0, 0).is_some())
+            .count();
+        assert!(held > 0 && held <= 110, "{held} tokens held");
     }
 }
 

@@ -452,6 +452,34 @@ async fn hostile_tokens_are_refused() {
 }
 
 #[actix_web::test]
+async fn a_remembered_token_is_refused_once_it_expires() {
+    let app = spawn_app().await;
+    let secret = secrecy::ExposeSecret::expose_secret(&app.settings.auth.jwt_secret).to_owned();
+    let now = Utc::now().timestamp();
+    let exp = now + 1;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": Uuid::new_v4(), "iss": "flashsale", "iat": now, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap_or_default();
+    // Verified, then remembered by the worker; more requests are hits.
+    for _ in 0..5 {
+        assert_eq!(app.get("/api/v1/orders", Some(&token)).await.status(), 200);
+    }
+    // Past `exp` and the verification leeway (5 s), a remembered token
+    // counts for nothing.
+    while Utc::now().timestamp() <= exp + 5 {
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    for _ in 0..5 {
+        let res = app.get("/api/v1/orders", Some(&token)).await;
+        assert_problem(res, 401, "unauthenticated").await;
+    }
+    app.teardown().await;
+}
+
+#[actix_web::test]
 async fn huge_headers_and_slow_clients_are_cut_off() {
     let mut settings = test_settings();
     settings.server.client_request_timeout_ms = 1000;
