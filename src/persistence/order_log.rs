@@ -25,13 +25,46 @@ pub struct LogMessage {
 }
 
 /// One change to the orders table.
+///
+/// On the wire `{"op": "reserve" | "transition", "order": {..}}`. It is read
+/// through [`WireEntry`], a plain struct: serde reads an internally tagged
+/// enum by buffering every entry into an intermediate tree first, which was
+/// most of a writer's decoding time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    tag = "op",
+    rename_all = "snake_case",
+    deny_unknown_fields,
+    from = "WireEntry"
+)]
 pub enum LogEntry {
     /// A new reservation (status `reserved`).
     Reserve { order: Order },
     /// A reservation paid, cancelled or expired (the order in its new state).
     Transition { order: Order },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireEntry {
+    op: WireOp,
+    order: Order,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WireOp {
+    Reserve,
+    Transition,
+}
+
+impl From<WireEntry> for LogEntry {
+    fn from(e: WireEntry) -> Self {
+        match e.op {
+            WireOp::Reserve => LogEntry::Reserve { order: e.order },
+            WireOp::Transition => LogEntry::Transition { order: e.order },
+        }
+    }
 }
 
 impl LogEntry {
@@ -247,6 +280,14 @@ mod tests {
             Err(ApplyError::Malformed(_))
         ));
         assert!(matches!(decode(b"not json"), Err(ApplyError::Malformed(_))));
+        let extra_field = String::from_utf8(encode(&refs))
+            .unwrap_or_default()
+            .replacen("\"op\":\"reserve\"", "\"op\":\"reserve\",\"why\":1", 1);
+        assert!(extra_field.contains("\"why\""));
+        assert!(matches!(
+            decode(extra_field.as_bytes()),
+            Err(ApplyError::Malformed(_))
+        ));
         assert!(matches!(
             decode(br#"{"v":1,"entries":[{"op":"teleport"}]}"#),
             Err(ApplyError::Malformed(_))
