@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use actix::WeakRecipient;
 use chrono::Utc;
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -141,6 +142,10 @@ pub struct StockActor {
     breakers: Arc<crate::breaker::Breakers>,
     snapshot_in_flight: bool,
     waiters: HashMap<Uuid, Vec<Waiter>>,
+    /// Where the publisher reports outcomes: made once, shared by every
+    /// entry (a fresh `Recipient` per entry allocated on the hot path), and
+    /// weak so that it does not keep the actor alive.
+    settle_to: Arc<WeakRecipient<Settled>>,
 }
 
 /// What a stock actor needs besides its book.
@@ -165,23 +170,23 @@ impl StockActor {
     pub fn launch(book: SaleBook, deps: &StockDeps) -> SaleHandle {
         let shared = Arc::new(SaleShared::new(&book, deps.mailbox_capacity));
         let sale_id = book.sale().id;
-        let actor = StockActor {
-            book,
-            shared: shared.clone(),
-            registry: deps.registry.clone(),
-            publisher: deps.publisher.clone(),
-            db: deps.db.clone(),
-            redis: deps.redis.clone(),
-            snapshot_interval: deps.snapshot_interval,
-            expiry_tick: deps.expiry_tick,
-            breakers: deps.breakers.clone(),
-            snapshot_in_flight: false,
-            waiters: HashMap::new(),
-        };
-        let capacity = deps.mailbox_capacity;
+        let (actor_shared, owned) = (shared.clone(), deps.clone());
         let addr = StockActor::start_in_arbiter(&deps.arbiter, move |ctx| {
-            ctx.set_mailbox_capacity(capacity);
-            actor
+            ctx.set_mailbox_capacity(owned.mailbox_capacity);
+            StockActor {
+                book,
+                shared: actor_shared,
+                registry: owned.registry,
+                publisher: owned.publisher,
+                db: owned.db,
+                redis: owned.redis,
+                snapshot_interval: owned.snapshot_interval,
+                expiry_tick: owned.expiry_tick,
+                breakers: owned.breakers,
+                snapshot_in_flight: false,
+                waiters: HashMap::new(),
+                settle_to: Arc::new(ctx.address().downgrade().recipient()),
+            }
         });
         let handle = SaleHandle { addr, shared };
         deps.registry.insert(sale_id, handle.clone());
@@ -223,28 +228,25 @@ impl StockActor {
         }
     }
 
-    fn publish(&self, entry: LogEntry, ctx: &Context<Self>) -> Result<(), PublishRefused> {
+    fn publish(&self, entry: LogEntry) -> Result<(), PublishRefused> {
         self.publisher.try_publish(PublishRequest {
             sale_id: self.book.sale().id,
             entry,
-            notify: ctx.address().recipient(),
+            notify: self.settle_to.clone(),
         })
     }
 
     /// Expires every durable reservation past its deadline. Each expiry is
     /// published first; one the log cannot take now is tried at the next tick.
-    fn expire_due(&mut self, ctx: &Context<Self>) {
+    fn expire_due(&mut self) {
         let due = self.book.due(Utc::now(), 4096);
         if due.is_empty() {
             return;
         }
         for order in due {
-            match self.publish(
-                LogEntry::Transition {
-                    order: order.clone(),
-                },
-                ctx,
-            ) {
+            match self.publish(LogEntry::Transition {
+                order: order.clone(),
+            }) {
                 Ok(()) => self.book.apply_change(order),
                 Err(_) => break,
             }
@@ -318,16 +320,16 @@ impl Actor for StockActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.snapshot_interval, |act, ctx| act.snapshot(ctx));
-        ctx.run_interval(self.expiry_tick, |act, ctx| act.expire_due(ctx));
+        ctx.run_interval(self.expiry_tick, |act, _| act.expire_due());
         self.snapshot(ctx);
-        self.expire_due(ctx);
+        self.expire_due();
     }
 }
 
 impl Handler<Reserve> for StockActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Reserve, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Reserve, _: &mut Self::Context) {
         self.shared.leave();
         self.shared.messages_handled.fetch_add(1, Ordering::Relaxed);
         let Reserve {
@@ -362,7 +364,7 @@ impl Handler<Reserve> for StockActor {
             }
             Ok(Reserved::New(order)) => {
                 let id = order.id;
-                match self.publish(LogEntry::Reserve { order }, ctx) {
+                match self.publish(LogEntry::Reserve { order }) {
                     Ok(()) => {
                         self.waiters.entry(id).or_default().push(Waiter::Purchase {
                             reply,
@@ -387,12 +389,12 @@ impl Handler<Reserve> for StockActor {
 impl Handler<OrderAction> for StockActor {
     type Result = ();
 
-    fn handle(&mut self, msg: OrderAction, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: OrderAction, _: &mut Self::Context) {
         self.shared.leave();
         self.shared.messages_handled.fetch_add(1, Ordering::Relaxed);
         // A reservation past its deadline is expired before anything else is
         // decided about it: payment and expiry cannot both win.
-        self.expire_due(ctx);
+        self.expire_due();
         let OrderAction {
             order_id,
             user_id,
@@ -428,12 +430,9 @@ impl Handler<OrderAction> for StockActor {
             }
             Ok(Plan::Change(order)) => {
                 let id = order.id;
-                match self.publish(
-                    LogEntry::Transition {
-                        order: order.clone(),
-                    },
-                    ctx,
-                ) {
+                match self.publish(LogEntry::Transition {
+                    order: order.clone(),
+                }) {
                     Ok(()) => {
                         self.book.apply_change(order);
                         self.waiters.entry(id).or_default().push(Waiter::Action {

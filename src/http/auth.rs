@@ -75,13 +75,29 @@ impl FromRequest for Shopper {
 /// the ones pressing "buy" again.
 pub struct TokenCache(Option<RefCell<VerifiedTokens>>);
 
-/// Token -> (user id, `exp` in seconds).
-type VerifiedTokens = quick_cache::unsync::Cache<Box<str>, (Uuid, i64)>;
+/// Token -> (user id, `exp` in seconds). Hashed with a randomly seeded
+/// foldhash: SipHash over a 200-byte token was most of the cost of a miss,
+/// and only tokens that verified are ever inserted, so nobody picks the keys.
+type VerifiedTokens = quick_cache::unsync::Cache<
+    Box<str>,
+    (Uuid, i64),
+    quick_cache::UnitWeighter,
+    foldhash::quality::RandomState,
+    quick_cache::unsync::DefaultLifecycle<Box<str>, (Uuid, i64)>,
+>;
 
 impl TokenCache {
     /// A cache of `capacity` tokens; 0 remembers none.
     pub fn new(capacity: usize) -> Self {
-        TokenCache((capacity > 0).then(|| RefCell::new(quick_cache::unsync::Cache::new(capacity))))
+        TokenCache((capacity > 0).then(|| {
+            RefCell::new(quick_cache::unsync::Cache::with(
+                capacity,
+                capacity as u64,
+                quick_cache::UnitWeighter,
+                foldhash::quality::RandomState::default(),
+                quick_cache::unsync::DefaultLifecycle::default(),
+            ))
+        }))
     }
 
     /// The user of a remembered token that has not expired at `now`

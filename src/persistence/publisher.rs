@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use actix::WeakRecipient;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -52,7 +53,7 @@ pub struct Settled {
 pub struct PublishRequest {
     pub entry: LogEntry,
     pub sale_id: Uuid,
-    pub notify: Recipient<Settled>,
+    pub notify: Arc<WeakRecipient<Settled>>,
 }
 
 /// Why an entry was not taken.
@@ -197,16 +198,19 @@ fn notify<'a>(
     reqs: impl IntoIterator<Item = &'a PublishRequest>,
     outcome: fn(&mut Settled) -> &mut Vec<Uuid>,
 ) {
-    let mut by_sale: HashMap<Uuid, (Recipient<Settled>, Settled)> = HashMap::new();
+    let mut by_sale: HashMap<Uuid, (&WeakRecipient<Settled>, Settled)> = HashMap::new();
     for req in reqs {
         let slot = by_sale
             .entry(req.sale_id)
-            .or_insert_with(|| (req.notify.clone(), Settled::default()));
+            .or_insert_with(|| (&req.notify, Settled::default()));
         outcome(&mut slot.1).push(req.entry.order_id());
     }
     for (_, (recipient, settled)) in by_sale {
-        // Bounded by the number of batches in flight, not by requests.
-        recipient.do_send(settled);
+        // Bounded by the number of batches in flight, not by requests. A
+        // sale whose actor has stopped has nobody left to tell.
+        if let Some(recipient) = recipient.upgrade() {
+            recipient.do_send(settled);
+        }
     }
 }
 
