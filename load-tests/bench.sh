@@ -75,6 +75,16 @@ DEPTH_PID=$!
 RSS_MAX=0
 ( while sleep 1; do ps -o rss= -p $SERVER_PID; done ) > "$WORK/rss.txt" &
 RSS_PID=$!
+# CPU of every process in the run, every 2 s (clock ticks): the server,
+# PostgreSQL, RabbitMQ and wrk. The report averages the intervals in which
+# the server was busy (wrk's start-up, which reads every token, is not).
+( while sleep 2; do
+    printf '%s ' "$(awk '{print $14+$15}' /proc/$SERVER_PID/stat 2>/dev/null || echo 0)"
+    cat /proc/[0-9]*/stat 2>/dev/null | awk '
+      $2 == "(postgres)" {pg += $14 + $15} $2 == "(beam.smp)" {mq += $14 + $15} $2 == "(wrk)" {wk += $14 + $15}
+      END {print pg + 0, mq + 0, wk + 0}'
+  done ) > "$WORK/cpu.txt" &
+CPU_PID=$!
 # An operator polling the actor status every second during the run.
 ( while sleep 1; do curl -s -o /dev/null -w '%{time_total}\n' -H "$ADMIN" "$BASE/admin/v1/actors"; done ) > "$WORK/poll.txt" &
 POLL_PID=$!
@@ -82,7 +92,7 @@ POLL_PID=$!
 # callback, so wrk's own CPU stays small; 201s are counted as requests minus
 # non-2xx answers and checked against PostgreSQL below.
 run_wrk reserve "$SECONDS_RESERVE" "$RESERVE_CONNECTIONS" -s load-tests/wrk/reserve.lua "$BASE" -- "/api/v1/sales/$AMPLE/purchases" "$WORK/tokens.txt"
-kill $DEPTH_PID $RSS_PID $POLL_PID 2>/dev/null || true
+kill $DEPTH_PID $RSS_PID $POLL_PID $CPU_PID 2>/dev/null || true
 
 # Graceful stop drains the log; then PostgreSQL must hold every 201.
 kill -TERM $SERVER_PID; wait $SERVER_PID || true
@@ -120,6 +130,24 @@ ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 DEPTH_MAX=$(sort -n "$WORK/depth.txt" | tail -n1); DEPTH_MAX=${DEPTH_MAX:-0}
 DEPTH_LAST=$(tail -n1 "$WORK/depth.txt"); DEPTH_LAST=${DEPTH_LAST:-0}
 RSS_PEAK=$(sort -n "$WORK/rss.txt" | tail -n1)
+# Per-process CPU during the busy part of the reservation run, as % of one
+# core and as microseconds per durable reservation.
+CPU_LINE=$(python3 - "$WORK/cpu.txt" "$(getconf CLK_TCK)" "$R201" "$(nproc)" <<'PY'
+import sys
+rows = [list(map(int, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 4]
+tck, rate = int(sys.argv[2]), float(sys.argv[3])
+busy = [[b - a for a, b in zip(r0, r1)] for r0, r1 in zip(rows, rows[1:])]
+busy = [d for d in busy if d[0] > tck]  # server above 50% of a core over 2 s
+if not busy or rate <= 0:
+    print("not sampled")
+else:
+    pct = [100.0 * sum(d[i] for d in busy) / (2 * tck * len(busy)) for i in range(4)]
+    us = [p / 100 * 1e6 / rate for p in pct]
+    names = ["server", "PostgreSQL", "RabbitMQ", "wrk"]
+    parts = ", ".join(f"{n} {p:.0f}% ({u:.0f} µs)" for n, p, u in zip(names, pct, us))
+    print(f"{parts}; {sum(pct):.0f}% of the machine's {100 * int(sys.argv[4])}% in all, {sum(us):.0f} µs of CPU per durable reservation ({len(busy)} busy 2 s intervals)")
+PY
+)
 
 mkdir -p load-tests/reports
 REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
@@ -140,6 +168,7 @@ REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
   echo "- The sold-out run repeats one buyer's request, so after the first one its token comes from the worker's verified-token cache (\`auth.token_cache_per_worker\`), as for a buyer pressing \"buy\" again; the reservation run gives every request a new token, verified in full."
   echo "- Sold-out check run (3 s, 20,000 rotating buyers, $(rps soldout-count) req/s with wrk's per-request Lua): ${SOLDOUT_409:-0} answers 409, $SOLDOUT_OTHER others."
   echo "- Order queue depth during the reservation run (sampled every 2 s): max $DEPTH_MAX, last $DEPTH_LAST."
+  echo "- CPU during the reservation run, as % of one core (and per durable reservation at the run's 201 rate): $CPU_LINE."
   echo "- Server resident memory peak: $(( ${RSS_PEAK:-0} / 1024 )) MiB."
   echo "- GET /admin/v1/actors polled every second during the reservation run: $(wc -l < "$WORK/poll.txt") polls, slowest $(sort -n "$WORK/poll.txt" | tail -n1) s."
   echo
