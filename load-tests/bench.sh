@@ -80,7 +80,7 @@ RSS_PID=$!
 # the server was busy (wrk's start-up, which reads every token, is not).
 ( while sleep 2; do
     printf '%s ' "$(awk '{print $14+$15}' /proc/$SERVER_PID/stat 2>/dev/null || echo 0)"
-    cat /proc/[0-9]*/stat 2>/dev/null | awk '
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk '
       $2 == "(postgres)" {pg += $14 + $15} $2 == "(beam.smp)" {mq += $14 + $15} $2 == "(wrk)" {wk += $14 + $15}
       END {print pg + 0, mq + 0, wk + 0}'
   done ) > "$WORK/cpu.txt" &
