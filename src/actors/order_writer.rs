@@ -392,26 +392,15 @@ pub async fn drain_queue(
                 timeout.as_secs()
             ));
         }
-        let got = channel
-            .basic_get(
-                config.rabbit.queue.as_str().into(),
-                BasicGetOptions::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let Some(message) = got else { break };
-        let mut deliveries = vec![message.delivery];
+        let queue = config.rabbit.queue.as_str();
+        let Some(first) = get_one(&channel, queue).await? else {
+            break;
+        };
+        let mut deliveries = vec![first];
         // Up to a writer's prefetch window per statement, as the consumers do.
         while deliveries.len() < usize::from(config.orders.writer_prefetch.max(1)) {
-            let more = channel
-                .basic_get(
-                    config.rabbit.queue.as_str().into(),
-                    BasicGetOptions::default(),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            match more {
-                Some(m) => deliveries.push(m.delivery),
+            match get_one(&channel, queue).await? {
+                Some(d) => deliveries.push(d),
                 None => break,
             }
         }
@@ -420,6 +409,15 @@ pub async fn drain_queue(
     }
     let _ = conn.close(200, "recovery done".into()).await;
     Ok(handled)
+}
+
+/// One message from `queue` without a consumer, if it holds any.
+async fn get_one(channel: &Channel, queue: &str) -> Result<Option<Delivery>, String> {
+    let got = channel
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(got.map(|m| m.delivery))
 }
 
 /// Waits until the order queue is empty and no writer holds a delivery, seen

@@ -62,12 +62,8 @@ async fn malformed_messages_are_dead_lettered_and_writing_goes_on() {
     )
     .await;
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while queue_depth(&app.settings, &dead).await < 3 && std::time::Instant::now() < deadline {
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-    }
     assert_eq!(
-        queue_depth(&app.settings, &dead).await,
+        wait_for_depth(&app.settings, &dead, |d| d >= 3).await,
         3,
         "all three dead-lettered"
     );
@@ -212,6 +208,22 @@ async fn a_broker_outage_refuses_purchases_and_recovers_by_itself() {
     app.teardown().await;
 }
 
+/// Waits (up to 15 s) until `queue`'s depth satisfies `done`; returns it.
+async fn wait_for_depth(
+    settings: &flashsale::config::Settings,
+    queue: &str,
+    done: impl Fn(u32) -> bool,
+) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let depth = queue_depth(settings, queue).await;
+        if done(depth) || std::time::Instant::now() > deadline {
+            return depth;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn actor_status(app: &crate::helpers::TestApp) -> Value {
     app.get("/admin/v1/actors", Some(ADMIN_TOKEN))
         .await
@@ -300,10 +312,7 @@ async fn a_bad_message_held_with_good_ones_is_dead_lettered_alone() {
     .await;
     // Every message is with the writer (none ready in the queue) before the
     // lock goes.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while queue_depth(&app.settings, &queue).await > 0 && std::time::Instant::now() < deadline {
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_depth(&app.settings, &queue, |d| d == 0).await;
     locker
         .batch_execute("COMMIT")
         .await
@@ -322,12 +331,8 @@ async fn a_bad_message_held_with_good_ones_is_dead_lettered_alone() {
         wait_for_status(&db, paid, "paid").await.as_deref(),
         Some("paid")
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while queue_depth(&app.settings, &dead).await < 1 && std::time::Instant::now() < deadline {
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-    }
     assert_eq!(
-        queue_depth(&app.settings, &dead).await,
+        wait_for_depth(&app.settings, &dead, |d| d >= 1).await,
         1,
         "only the message naming no sale"
     );
@@ -379,12 +384,7 @@ async fn log_entries_apply_in_any_order_and_replays_change_nothing() {
     );
     publish_raw(&app.settings, &reserve).await;
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while queue_depth(&app.settings, &app.settings.rabbitmq.queue).await > 0
-        && std::time::Instant::now() < deadline
-    {
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_depth(&app.settings, &app.settings.rabbitmq.queue, |d| d == 0).await;
     // The last replay has been written (or is being written): give the
     // writer's in-flight delivery time to land, then look.
     let stats_deadline = std::time::Instant::now() + Duration::from_secs(15);
