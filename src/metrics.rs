@@ -247,7 +247,7 @@ fn per_sale(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    sales: &[SaleHandle],
+    sales: &[Arc<SaleHandle>],
     series: impl Fn(&SaleHandle) -> Vec<(SaleLabels, i64)>,
 ) -> std::fmt::Result {
     let g = ConstGauge::new(0i64);

@@ -188,7 +188,12 @@ impl SaleHandle {
         if !self.shared.admit() {
             return Err(SendRefused::MailboxFull);
         }
-        self.addr.try_send(msg).map_err(|e| {
+        // A sender of its own for this one message: a shared one would be
+        // parked by actix whenever the mailbox (which also holds `Settled`
+        // messages) reached its capacity, refusing purchases the bound above
+        // admitted. Cloning here, not in `SaleRegistry::get`, keeps the
+        // answers that never reach the actor free of it.
+        self.addr.clone().try_send(msg).map_err(|e| {
             self.shared.leave();
             match e {
                 actix::prelude::SendError::Full(_) => SendRefused::MailboxFull,
@@ -233,23 +238,25 @@ impl OrderDirectory {
 }
 
 /// Every sale this process runs, and the order directory.
+/// Sales by id. Handles are shared (`Arc`): looking one up for a request
+/// costs a reference count, not a new actor address.
 #[derive(Default)]
 pub struct SaleRegistry {
-    sales: DashMap<Uuid, SaleHandle>,
+    sales: DashMap<Uuid, Arc<SaleHandle>>,
     pub orders: OrderDirectory,
 }
 
 impl SaleRegistry {
     pub fn insert(&self, id: Uuid, handle: SaleHandle) {
-        self.sales.insert(id, handle);
+        self.sales.insert(id, Arc::new(handle));
     }
 
-    pub fn get(&self, id: Uuid) -> Option<SaleHandle> {
+    pub fn get(&self, id: Uuid) -> Option<Arc<SaleHandle>> {
         self.sales.get(&id).map(|h| h.clone())
     }
 
     /// Every sale, in no particular order.
-    pub fn all(&self) -> Vec<SaleHandle> {
+    pub fn all(&self) -> Vec<Arc<SaleHandle>> {
         self.sales.iter().map(|e| e.value().clone()).collect()
     }
 

@@ -1,5 +1,7 @@
 //! The sales catalogue: public views for shoppers and the admin API.
 
+use std::sync::Arc;
+
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -175,7 +177,7 @@ pub(crate) fn sale_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::SaleNotFound)
 }
 
-fn handle(state: &AppState, id: Uuid) -> Result<SaleHandle, ApiError> {
+fn handle(state: &AppState, id: Uuid) -> Result<Arc<SaleHandle>, ApiError> {
     state.registry.get(id).ok_or(ApiError::SaleNotFound)
 }
 
@@ -195,7 +197,7 @@ fn admin_view(h: &SaleHandle, now: DateTime<Utc>) -> AdminSaleView {
 }
 
 /// Newest start first, then by id, so lists are stable.
-fn sorted_sales(state: &AppState) -> Vec<SaleHandle> {
+fn sorted_sales(state: &AppState) -> Vec<Arc<SaleHandle>> {
     let mut all = state.registry.all();
     all.sort_by_cached_key(|h| {
         let s = h.shared.sale();
