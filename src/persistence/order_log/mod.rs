@@ -1,8 +1,10 @@
-//! The order log's message format and how a message is applied to PostgreSQL.
+//! The order log's entries and how a message is applied to PostgreSQL.
 //!
-//! One RabbitMQ message carries a batch of entries (group commit). Messages
-//! carry a schema version `v`; a writer refuses a version it does not know
-//! (to the dead-letter queue) rather than guess.
+//! One RabbitMQ message carries a batch of entries (group commit). Its bytes
+//! are [`wire`]'s business: a versioned format of its own, so that what
+//! waits in the queue across an upgrade never depends on the API's types. A
+//! writer refuses a version it does not know (to the dead-letter queue)
+//! rather than guess.
 //!
 //! Every entry carries the whole order in its new state, and is applied as
 //! one upsert keyed on the order id that only ever moves an order *out of*
@@ -10,61 +12,25 @@
 //! nothing) and order-independent: with several writers a payment may reach
 //! PostgreSQL before its reservation, and the row still ends `paid`.
 
-use serde::{Deserialize, Serialize};
-use tokio_postgres::error::SqlState;
+mod wire;
 
 use crate::domain::order::Order;
 
-pub const LOG_SCHEMA_VERSION: u32 = 1;
+pub use wire::VERSION as LOG_SCHEMA_VERSION;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A decoded order-log message: its entries, in the order they were written.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogMessage {
-    pub v: u32,
     pub entries: Vec<LogEntry>,
 }
 
 /// One change to the orders table.
-///
-/// On the wire `{"op": "reserve" | "transition", "order": {..}}`. It is read
-/// through [`WireEntry`], a plain struct: serde reads an internally tagged
-/// enum by buffering every entry into an intermediate tree first, which was
-/// most of a writer's decoding time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(
-    tag = "op",
-    rename_all = "snake_case",
-    deny_unknown_fields,
-    from = "WireEntry"
-)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogEntry {
     /// A new reservation (status `reserved`).
     Reserve { order: Order },
     /// A reservation paid, cancelled or expired (the order in its new state).
     Transition { order: Order },
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WireEntry {
-    op: WireOp,
-    order: Order,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum WireOp {
-    Reserve,
-    Transition,
-}
-
-impl From<WireEntry> for LogEntry {
-    fn from(e: WireEntry) -> Self {
-        match e.op {
-            WireOp::Reserve => LogEntry::Reserve { order: e.order },
-            WireOp::Transition => LogEntry::Transition { order: e.order },
-        }
-    }
 }
 
 impl LogEntry {
@@ -76,6 +42,10 @@ impl LogEntry {
 
     pub fn order_id(&self) -> uuid::Uuid {
         self.order().id
+    }
+
+    pub fn is_transition(&self) -> bool {
+        matches!(self, LogEntry::Transition { .. })
     }
 }
 
@@ -91,42 +61,38 @@ pub enum ApplyError {
     Transient(#[from] tokio_postgres::Error),
 }
 
-/// One message for a batch, serialised from references (no copy of the orders).
+/// One message for a batch, in the current wire version, serialised from
+/// references (no copy of the orders).
 pub fn encode(entries: &[&LogEntry]) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Out<'a> {
-        v: u32,
-        entries: &'a [&'a LogEntry],
-    }
-    // Serialising plain data into a Vec cannot fail.
-    serde_json::to_vec(&Out {
-        v: LOG_SCHEMA_VERSION,
-        entries,
-    })
-    .unwrap_or_default()
+    wire::encode(entries.iter().map(|e| match e {
+        LogEntry::Reserve { order } => (wire::Op::Reserve, order),
+        LogEntry::Transition { order } => (wire::Op::Transition, order),
+    }))
 }
 
+/// Reads a message of any version this server knows.
 pub fn decode(bytes: &[u8]) -> Result<LogMessage, ApplyError> {
-    let msg: LogMessage =
-        serde_json::from_slice(bytes).map_err(|e| ApplyError::Malformed(e.to_string()))?;
-    if msg.v != LOG_SCHEMA_VERSION {
-        return Err(ApplyError::Malformed(format!(
-            "schema version {} (this server writes {LOG_SCHEMA_VERSION})",
-            msg.v
-        )));
-    }
-    Ok(msg)
+    let entries = wire::decode(bytes)
+        .map_err(ApplyError::Malformed)?
+        .into_iter()
+        .map(|(op, order)| match op {
+            wire::Op::Reserve => LogEntry::Reserve { order },
+            wire::Op::Transition => LogEntry::Transition { order },
+        })
+        .collect();
+    Ok(LogMessage { entries })
 }
 
-/// Errors in the data itself (constraint violations, bad values) will fail
+/// Errors in the data itself (bad values, constraint violations) will fail
 /// the same way every time; anything else (connection, serialization,
-/// deadlock) may pass on a retry.
+/// deadlock, a statement cancelled by its time-out) may pass on a retry.
+///
+/// A unique violation is one of them: the upsert's `ON CONFLICT (id)` takes
+/// every replay of an order, so what is left is a second order for one
+/// (sale, buyer, idempotency key), which no retry will ever write.
 fn classify(e: tokio_postgres::Error) -> ApplyError {
     match e.code() {
-        Some(code)
-            if code.code().starts_with("22")
-                || (code.code().starts_with("23") && code != &SqlState::UNIQUE_VIOLATION) =>
-        {
+        Some(code) if code.code().starts_with("22") || code.code().starts_with("23") => {
             ApplyError::Malformed(e.to_string())
         }
         _ => ApplyError::Transient(e),
@@ -248,49 +214,91 @@ impl OrderStore {
 
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
+    use chrono::{DateTime, Utc};
     use uuid::Uuid;
 
     use super::*;
     use crate::domain::order::OrderStatus;
 
-    #[test]
-    fn round_trips_and_refuses_other_versions() {
-        let order = Order {
-            id: Uuid::now_v7(),
-            sale_id: Uuid::now_v7(),
-            user_id: Uuid::new_v4(),
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn uuid(s: &str) -> Uuid {
+        Uuid::parse_str(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A fixed reservation and its payment.
+    fn entries() -> Vec<LogEntry> {
+        let reserved = Order {
+            id: uuid("0192f0c4-0000-7000-8000-000000000001"),
+            sale_id: uuid("0192f0c4-0000-7000-8000-0000000000aa"),
+            user_id: uuid("5f0c7f4e-1111-4222-8333-444455556666"),
             quantity: 2,
             status: OrderStatus::Reserved,
-            created_at: Utc::now(),
-            expires_at: Utc::now(),
+            created_at: at("2026-11-22T10:00:00.123456Z"),
+            expires_at: at("2026-11-22T10:10:00.123456Z"),
             paid_at: None,
             closed_at: None,
-            idempotency_key: Some("k".into()),
+            idempotency_key: Some("press-1".into()),
         };
-        let entries = vec![LogEntry::Reserve { order }];
+        let paid = Order {
+            status: OrderStatus::Paid,
+            paid_at: Some(at("2026-11-22T10:01:00Z")),
+            idempotency_key: None,
+            ..reserved.clone()
+        };
+        vec![
+            LogEntry::Reserve { order: reserved },
+            LogEntry::Transition { order: paid },
+        ]
+    }
+
+    /// The bytes of version 2, pinned: a change here breaks every message
+    /// waiting in a queue across an upgrade, so it must be a new version.
+    const GOLDEN_V2: &str = concat!(
+        r#"{"v":2,"entries":["#,
+        r#"{"op":"reserve","order":{"id":"0192f0c4-0000-7000-8000-000000000001","sale":"0192f0c4-0000-7000-8000-0000000000aa","user":"5f0c7f4e-1111-4222-8333-444455556666","qty":2,"status":"reserved","created_us":1795341600123456,"expires_us":1795342200123456,"paid_us":null,"closed_us":null,"key":"press-1"}},"#,
+        r#"{"op":"transition","order":{"id":"0192f0c4-0000-7000-8000-000000000001","sale":"0192f0c4-0000-7000-8000-0000000000aa","user":"5f0c7f4e-1111-4222-8333-444455556666","qty":2,"status":"paid","created_us":1795341600123456,"expires_us":1795342200123456,"paid_us":1795341660000000,"closed_us":null,"key":null}}"#,
+        r#"]}"#
+    );
+
+    /// A message as version 1 wrote it (the API's field names of the time).
+    const GOLDEN_V1: &str = concat!(
+        r#"{"v":1,"entries":["#,
+        r#"{"op":"reserve","order":{"id":"0192f0c4-0000-7000-8000-000000000001","sale_id":"0192f0c4-0000-7000-8000-0000000000aa","user_id":"5f0c7f4e-1111-4222-8333-444455556666","quantity":2,"status":"reserved","created_at":"2026-11-22T10:00:00.123456Z","expires_at":"2026-11-22T10:10:00.123456Z","paid_at":null,"closed_at":null,"idempotency_key":"press-1"}},"#,
+        r#"{"op":"transition","order":{"id":"0192f0c4-0000-7000-8000-000000000001","sale_id":"0192f0c4-0000-7000-8000-0000000000aa","user_id":"5f0c7f4e-1111-4222-8333-444455556666","quantity":2,"status":"paid","created_at":"2026-11-22T10:00:00.123456Z","expires_at":"2026-11-22T10:10:00.123456Z","paid_at":"2026-11-22T10:01:00Z","closed_at":null}}"#,
+        r#"]}"#
+    );
+
+    #[test]
+    fn writes_the_pinned_bytes_of_version_2() {
+        let entries = entries();
         let refs: Vec<&LogEntry> = entries.iter().collect();
-        let msg = decode(&encode(&refs)).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(msg.entries, entries);
-        let other = String::from_utf8(encode(&refs))
-            .unwrap_or_default()
-            .replacen("\"v\":1", "\"v\":99", 1);
-        assert!(matches!(
-            decode(other.as_bytes()),
-            Err(ApplyError::Malformed(_))
-        ));
-        assert!(matches!(decode(b"not json"), Err(ApplyError::Malformed(_))));
-        let extra_field = String::from_utf8(encode(&refs))
-            .unwrap_or_default()
-            .replacen("\"op\":\"reserve\"", "\"op\":\"reserve\",\"why\":1", 1);
-        assert!(extra_field.contains("\"why\""));
-        assert!(matches!(
-            decode(extra_field.as_bytes()),
-            Err(ApplyError::Malformed(_))
-        ));
-        assert!(matches!(
-            decode(br#"{"v":1,"entries":[{"op":"teleport"}]}"#),
-            Err(ApplyError::Malformed(_))
-        ));
+        let bytes = encode(&refs);
+        assert_eq!(String::from_utf8_lossy(&bytes), GOLDEN_V2);
+        let back = decode(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.entries, entries);
+    }
+
+    #[test]
+    fn reads_messages_of_version_1() {
+        let msg = decode(GOLDEN_V1.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(msg.entries, entries());
+    }
+
+    #[test]
+    fn refuses_unknown_versions_fields_and_ops() {
+        let malformed = |text: &str| matches!(decode(text.as_bytes()), Err(ApplyError::Malformed(_)));
+        assert!(malformed(&GOLDEN_V2.replacen(r#""v":2"#, r#""v":99"#, 1)));
+        assert!(malformed(&GOLDEN_V2.replacen(r#""v":2"#, r#""v":1"#, 1)));
+        assert!(malformed("not json"));
+        assert!(malformed(&GOLDEN_V2.replacen(r#""qty":2"#, r#""qty":2,"why":1"#, 1)));
+        assert!(malformed(&GOLDEN_V2.replacen(r#""op":"reserve""#, r#""op":"reserve","why":1"#, 1)));
+        assert!(malformed(r#"{"v":2,"entries":[{"op":"teleport"}]}"#));
+        assert!(malformed(&GOLDEN_V2.replacen("1795341600123456", "9223372036854775807", 1)));
+        assert!(malformed(&GOLDEN_V1.replacen(r#""quantity":2"#, r#""quantity":2,"why":1"#, 1)));
     }
 }
