@@ -57,6 +57,7 @@ pub struct DatabaseSettings {
     pub create_if_missing: bool,
     pub pool_size: u32,
     pub connect_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,7 +135,7 @@ pub struct OrderSettings {
     pub retry_max_ms: u64,
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
-    pub recovery_drain_timeout_secs: u64,
+    pub recovery_drain_warn_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -7,22 +7,21 @@
 
 use std::collections::HashMap;
 use std::net::TcpListener;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Addr};
-use actix_web::dev::Server;
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::rt::task::JoinHandle;
 use actix_web::{web, App, HttpServer};
-use secrecy::ExposeSecret;
 use tokio::sync::Notify;
 
 use crate::actors::order_writer::{
-    drain_queue, wait_drained, OrderWriter, StopWriter, WriterConfig, WriterStats,
+    drain_queue, wait_drained, DrainProgress, OrderWriter, StopWriter, WriterConfig, WriterStats,
 };
 use crate::actors::registry::SaleRegistry;
-use crate::actors::stock::{StockActor, StockDeps};
+use crate::actors::stock::{Reopen, StockActor, StockDeps};
 use crate::auth::{AdminToken, Passwords, TokenKeys};
 use crate::breaker::Breakers;
 use crate::config::{RabbitSettings, Settings};
@@ -64,7 +63,8 @@ impl ShutdownHandle {
 
 pub struct Application {
     port: u16,
-    server: Server,
+    /// The running HTTP server: its handle and its task.
+    server: (ServerHandle, JoinHandle<std::io::Result<()>>),
     state: web::Data<AppState>,
     shutdown: ShutdownHandle,
     pipeline: Pipeline,
@@ -78,16 +78,27 @@ struct Pipeline {
     writer_stats: Arc<WriterStats>,
     rabbit: RabbitSettings,
     arbiter: actix::Arbiter,
+    shutdown_timeout: Duration,
 }
 
 impl Application {
+    /// Starts everything, in the order recovery needs:
+    ///
+    /// 1. connect to the services (exit with a clear line if one is away);
+    /// 2. start the publisher, and every sale's stock actor *closed*, its
+    ///    book read from PostgreSQL (for reads only);
+    /// 3. bind the listener and serve: reads work, `/readyz` says
+    ///    `recovering` with the messages left, purchases and changes get 503;
+    /// 4. drain the order queue into PostgreSQL, however long it takes;
+    /// 5. reopen every sale with its book rebuilt from the whole log, start
+    ///    the order writers, and turn ready.
+    ///
+    /// Returns once ready, so tests and the binary get a serving application.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let db = Database::connect(&settings.database).await?;
         let redis = RedisStore::connect(&settings.redis).await?;
         check_broker(&settings.rabbitmq).await?;
 
-        // Recovery, step 1: whatever the order log still holds goes into
-        // PostgreSQL before any book is built from it.
         let writer_stats = Arc::new(WriterStats::default());
         let breakers = Arc::new(Breakers::new(
             settings.breakers.failure_threshold,
@@ -101,18 +112,12 @@ impl Application {
             breakers: breakers.clone(),
             rabbit: settings.rabbitmq.clone(),
             orders: settings.orders.clone(),
-            database: tokio_postgres::Config::from_str(settings.database.url.expose_secret())
+            database: crate::persistence::postgres::session_config(&settings.database)
                 .map_err(|e| StartupError::Config(format!("database.url: {e}")))?,
         };
-        let drain_timeout = Duration::from_secs(settings.orders.recovery_drain_timeout_secs);
-        match drain_queue(&writer_config, &writer_stats, drain_timeout).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(messages = n, "recovery: order log drained into PostgreSQL"),
-            Err(e) => tracing::warn!(error = %e, "recovery: order log not fully drained"),
-        }
 
-        // The publisher and the writers get a thread of their own, so the
-        // stock actors' thread does nothing but decide purchases.
+        // The stock actors, the publisher and the writers share one thread
+        // of their own (see ARCHITECTURE.md, "Threads").
         let pipeline_arbiter = actix::Arbiter::new();
         let (publisher, publisher_task) = OrderPublisher::start(
             &pipeline_arbiter.handle(),
@@ -137,17 +142,7 @@ impl Application {
             breakers: breakers.clone(),
             arbiter: pipeline_arbiter.handle(),
         };
-
-        // Recovery, step 2: every sale's book from PostgreSQL.
-        let recovered = recover_sales(&db, &stock).await?;
-        tracing::info!(sales = recovered, "recovery: stock actors started");
-
-        let writers = (0..settings.orders.writers)
-            .map(|i| {
-                let writer = OrderWriter::new(i, writer_config.clone(), writer_stats.clone());
-                OrderWriter::start_in_arbiter(&pipeline_arbiter.handle(), move |_| writer)
-            })
-            .collect();
+        let opened = start_sales_closed(&db, &stock).await?;
 
         metrics_registry.register_collector(Box::new(StateCollector {
             sales: registry.clone(),
@@ -158,7 +153,7 @@ impl Application {
         let passwords = Passwords::new(&settings.auth)
             .map_err(|e| StartupError::Config(format!("auth.argon2_*: {e}")))?;
         let state = web::Data::new(AppState {
-            db,
+            db: db.clone(),
             redis,
             registry,
             stock,
@@ -178,19 +173,11 @@ impl Application {
             writer_pool_size: settings.orders.writers,
             webhook: crate::payments::WebhookVerifier::new(&settings.payments),
             recovered: AtomicBool::new(false),
+            recovery: Arc::new(DrainProgress::default()),
             stopping: AtomicBool::new(false),
             retry_after_secs: settings.stock.retry_after_secs,
             confirm_timeout: Duration::from_millis(settings.orders.confirm_timeout_ms.max(1)),
         });
-        // Recovery, step 3: open for business once the pipeline is connected.
-        wait_for_pipeline(
-            &publisher,
-            &writer_stats,
-            settings.orders.writers,
-            Duration::from_millis(settings.rabbitmq.connect_timeout_ms * 2),
-        )
-        .await;
-        state.recovered.store(true, Ordering::Release);
         // Rate-limit keys that are idle again are forgotten now and then.
         let evicting = state.clone();
         let every = Duration::from_secs(settings.limits.evict_interval_secs.max(1));
@@ -202,51 +189,46 @@ impl Application {
             }
         });
 
-        let server_settings = &settings.server;
-        let address = format!("{}:{}", server_settings.host, server_settings.port);
-        let listener = TcpListener::bind(&address).map_err(|source| StartupError::Bind {
-            address: address.clone(),
-            source,
-        })?;
-        let port = listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind {
-                address: address.clone(),
-                source,
-            })?
-            .port();
-        let workers = match server_settings.workers {
-            0 => std::thread::available_parallelism().map_or(2, usize::from),
-            n => n,
-        };
-        let limit = BodyLimit(server_settings.max_body_bytes);
-        let app_state = state.clone();
-        let token_cache = settings.auth.token_cache_per_worker;
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(app_state.clone())
-                .app_data(limit)
-                .app_data(http::auth::TokenCache::new(token_cache))
-                .configure(http::routes)
-                .wrap_fn(http::edge_guard)
-                .wrap_fn(http::request_context)
-        })
-        .workers(workers)
-        .backlog(server_settings.backlog)
-        .max_connections(server_settings.max_connections_per_worker)
-        .client_request_timeout(Duration::from_millis(
-            server_settings.client_request_timeout_ms,
-        ))
-        .keep_alive(Duration::from_secs(server_settings.keep_alive_secs))
-        .shutdown_timeout(server_settings.shutdown_timeout_secs)
-        .disable_signals()
-        .listen(listener)
-        .map_err(|source| StartupError::Bind { address, source })?
-        .run();
-        tracing::info!(port, workers, "flashsale listening");
+        let (server, port) = serve(&settings, state.clone())?;
+        let handle = server.handle();
+        let serving = actix_web::rt::spawn(server);
+        tracing::info!(port, "flashsale listening; recovering the order log");
+
+        // Recovery: the whole log into PostgreSQL, then the books from it.
+        let drained = drain_queue(
+            &writer_config,
+            &writer_stats,
+            Duration::from_secs(settings.orders.recovery_drain_warn_secs),
+            &state.recovery,
+        )
+        .await;
+        if drained > 0 {
+            tracing::info!(
+                messages = drained,
+                "recovery: order log drained into PostgreSQL"
+            );
+        }
+        reopen_sales(&db, &state.registry, opened, drained > 0).await;
+
+        let writers = (0..settings.orders.writers)
+            .map(|i| {
+                let writer = OrderWriter::new(i, writer_config.clone(), writer_stats.clone());
+                OrderWriter::start_in_arbiter(&pipeline_arbiter.handle(), move |_| writer)
+            })
+            .collect();
+        // Open for business once the pipeline is connected.
+        wait_for_pipeline(
+            &publisher,
+            &writer_stats,
+            settings.orders.writers,
+            Duration::from_millis(settings.rabbitmq.connect_timeout_ms * 2),
+        )
+        .await;
+        state.recovered.store(true, Ordering::Release);
+        tracing::info!(port, "flashsale ready");
         Ok(Application {
             port,
-            server,
+            server: (handle, serving),
             state,
             shutdown: ShutdownHandle::default(),
             pipeline: Pipeline {
@@ -256,6 +238,7 @@ impl Application {
                 writer_stats,
                 rabbit: settings.rabbitmq.clone(),
                 arbiter: pipeline_arbiter,
+                shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_secs),
             },
         })
     }
@@ -272,14 +255,12 @@ impl Application {
     /// Serves until a signal or the shutdown handle, then shuts down in order.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let Application {
-            server,
+            server: (handle, mut serving),
             state,
             shutdown,
-            pipeline,
+            mut pipeline,
             ..
         } = self;
-        let handle = server.handle();
-        let mut serving = actix_web::rt::spawn(server);
         tokio::select! {
             result = &mut serving => {
                 return result.map_err(std::io::Error::other)?;
@@ -288,40 +269,62 @@ impl Application {
                 tracing::info!(reason, "shutting down");
             }
         }
+        let started = tokio::time::Instant::now();
         // 1. Stop admitting purchases (they get 503 with Retry-After).
         state.stopping.store(true, Ordering::Release);
         // 2. Stop accepting connections; in-flight requests, including
-        //    purchases waiting for their confirm, finish.
+        //    purchases waiting for their confirm, finish (actix-web gives
+        //    them `server.shutdown_timeout_secs`).
         handle.stop(true).await;
         let _ = serving.await;
-        // 3. Publish what is queued and wait for every confirm.
-        pipeline.publisher.shutdown();
-        let _ = pipeline.publisher_task.await;
-        // 4. Let the writers drain the queue into PostgreSQL and ack.
-        let drained = match rabbit::open(&pipeline.rabbit, "flashsale-shutdown").await {
-            Ok((conn, channel)) => {
-                let drained = wait_drained(
-                    &channel,
-                    &pipeline.rabbit.queue,
-                    &pipeline.writer_stats,
-                    Duration::from_secs(10),
-                )
-                .await;
-                let _ = conn.close(200, "shutdown".into()).await;
-                drained
-            }
-            Err(_) => false,
-        };
-        if !drained {
-            tracing::warn!("order queue not drained at shutdown; the next start drains it");
-        }
-        // 5. Stop the writers and close their connections.
-        for w in &pipeline.writers {
-            let _ = w.send(StopWriter).await;
+        // 3-5. The pipeline, within what is left of the same time-out plus
+        //    a margin: a broker or database that stalls must not hold the
+        //    process. What is not written by then stays in RabbitMQ (unacked
+        //    deliveries go back to the queue when the connections close),
+        //    where the next start's recovery finds it.
+        let deadline = started + pipeline.shutdown_timeout + SHUTDOWN_MARGIN;
+        let finished = tokio::time::timeout_at(deadline, stop_pipeline(&mut pipeline)).await;
+        if finished.is_err() {
+            tracing::warn!(
+                "order pipeline not stopped in time; what is not yet written stays in RabbitMQ for the next start"
+            );
         }
         pipeline.arbiter.stop();
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// What the shutdown script may take past `server.shutdown_timeout_secs`.
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
+
+/// Flushes the publisher (every confirm in), lets the writers drain the
+/// queue into PostgreSQL, and stops them.
+async fn stop_pipeline(pipeline: &mut Pipeline) {
+    // 3. Publish what is queued and wait for every confirm.
+    pipeline.publisher.shutdown();
+    let _ = (&mut pipeline.publisher_task).await;
+    // 4. Let the writers drain the queue into PostgreSQL and ack.
+    let drained = match rabbit::open(&pipeline.rabbit, "flashsale-shutdown").await {
+        Ok((conn, channel)) => {
+            let drained = wait_drained(
+                &channel,
+                &pipeline.rabbit.queue,
+                &pipeline.writer_stats,
+                Duration::from_secs(10),
+            )
+            .await;
+            let _ = conn.close(200, "shutdown".into()).await;
+            drained
+        }
+        Err(_) => false,
+    };
+    if !drained {
+        tracing::warn!("order queue not drained at shutdown; the next start drains it");
+    }
+    // 5. Stop the writers and close their connections.
+    for w in &pipeline.writers {
+        let _ = w.send(StopWriter).await;
     }
 }
 
@@ -333,22 +336,103 @@ async fn check_broker(settings: &RabbitSettings) -> Result<(), StartupError> {
     Ok(())
 }
 
-/// Builds every sale's book from PostgreSQL and starts its stock actor.
-async fn recover_sales(db: &Database, stock: &StockDeps) -> Result<usize, StartupError> {
+/// Binds the listener and builds the HTTP server (not yet running).
+fn serve(settings: &Settings, state: web::Data<AppState>) -> Result<(Server, u16), StartupError> {
+    let server_settings = &settings.server;
+    let address = format!("{}:{}", server_settings.host, server_settings.port);
+    let bind_error = |source| StartupError::Bind {
+        address: address.clone(),
+        source,
+    };
+    let listener = TcpListener::bind(&address).map_err(bind_error)?;
+    let port = listener.local_addr().map_err(bind_error)?.port();
+    let workers = match server_settings.workers {
+        0 => std::thread::available_parallelism().map_or(2, usize::from),
+        n => n,
+    };
+    let limit = BodyLimit(server_settings.max_body_bytes);
+    let token_cache = settings.auth.token_cache_per_worker;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(limit)
+            .app_data(http::auth::TokenCache::new(token_cache))
+            .configure(http::routes)
+            .wrap_fn(http::edge_guard)
+            .wrap_fn(http::request_context)
+    })
+    .workers(workers)
+    .backlog(server_settings.backlog)
+    .max_connections(server_settings.max_connections_per_worker)
+    .client_request_timeout(Duration::from_millis(
+        server_settings.client_request_timeout_ms,
+    ))
+    .keep_alive(Duration::from_secs(server_settings.keep_alive_secs))
+    .shutdown_timeout(server_settings.shutdown_timeout_secs)
+    .disable_signals()
+    .listen(listener)
+    .map_err(bind_error)?
+    .run();
+    Ok((server, port))
+}
+
+/// Every sale's stock actor, started closed with the book PostgreSQL holds
+/// now (what readers see while the log drains). Returns their ids.
+async fn start_sales_closed(
+    db: &Database,
+    stock: &StockDeps,
+) -> Result<Vec<uuid::Uuid>, StartupError> {
     let store = |e: crate::persistence::postgres::StoreError| {
         StartupError::Config(format!("recovery could not read PostgreSQL: {e}"))
     };
     let sales = db.list_sales().await.map_err(store)?;
-    let mut orders: HashMap<uuid::Uuid, Vec<Order>> = HashMap::new();
-    for o in db.orders_for_recovery().await.map_err(store)? {
-        orders.entry(o.sale_id).or_default().push(o);
-    }
-    let count = sales.len();
+    let mut orders = orders_by_sale(db.orders_for_recovery().await.map_err(store)?);
+    let ids = sales.iter().map(|s| s.id).collect();
     for sale in sales {
         let its = orders.remove(&sale.id).unwrap_or_default();
-        StockActor::launch(SaleBook::restore(sale, its), stock);
+        StockActor::launch(SaleBook::restore(sale, its), stock, false);
     }
-    Ok(count)
+    Ok(ids)
+}
+
+fn orders_by_sale(orders: Vec<Order>) -> HashMap<uuid::Uuid, Vec<Order>> {
+    let mut by_sale: HashMap<uuid::Uuid, Vec<Order>> = HashMap::new();
+    for o in orders {
+        by_sale.entry(o.sale_id).or_default().push(o);
+    }
+    by_sale
+}
+
+/// Opens the sales started closed, once the log is in PostgreSQL: with the
+/// books rebuilt from it when the drain wrote anything (PostgreSQL is read
+/// again until it answers), else with the books read at start.
+async fn reopen_sales(db: &Database, registry: &SaleRegistry, ids: Vec<uuid::Uuid>, reread: bool) {
+    let mut orders = if reread {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match db.orders_for_recovery().await {
+                Ok(all) => break Some(orders_by_sale(all)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "recovery: cannot read the orders back yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    } else {
+        None
+    };
+    let count = ids.len();
+    for id in ids {
+        let Some(handle) = registry.get(id) else {
+            continue;
+        };
+        let its = orders
+            .as_mut()
+            .map(|o| o.remove(&id).unwrap_or_default());
+        let _ = handle.addr.send(Reopen { orders: its }).await;
+    }
+    tracing::info!(sales = count, "recovery: every sale open");
 }
 
 /// Waits (bounded) until the publisher and every writer are connected.

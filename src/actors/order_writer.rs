@@ -368,47 +368,89 @@ async fn dead_letter(delivery: &Delivery, stats: &WriterStats, e: &ApplyError) {
     }
 }
 
+/// How far start-up recovery's drain has come, for `/readyz`.
+#[derive(Debug, Default)]
+pub struct DrainProgress {
+    /// Messages the order queue held when last looked at.
+    pub left: AtomicU64,
+    /// Messages written (or dead-lettered) so far.
+    pub handled: AtomicU64,
+}
+
 /// Recovery: pulls every message the queue holds (no consumers yet) and
-/// writes it, until the queue is empty. Returns the messages handled.
+/// writes it, until the queue is empty, however long that takes: a sale must
+/// never open on a partially drained log. Failures of the broker or the
+/// database are retried with backoff; past `warn_after` a warning says what
+/// is left, and the drain goes on. Returns the messages handled.
 pub async fn drain_queue(
     config: &WriterConfig,
     stats: &WriterStats,
-    timeout: Duration,
-) -> Result<u64, String> {
+    warn_after: Duration,
+    progress: &DrainProgress,
+) -> u64 {
+    let drain = async {
+        let mut backoff = Duration::from_millis(config.orders.retry_initial_ms.max(1));
+        loop {
+            match drain_once(config, stats, progress).await {
+                Ok(()) => return progress.handled.load(Ordering::Acquire),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "recovery: cannot drain the order log yet");
+                    stats.set_error(&e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(config.orders.retry_max_ms));
+                }
+            }
+        }
+    };
+    tokio::pin!(drain);
+    tokio::select! {
+        handled = &mut drain => return handled,
+        _ = tokio::time::sleep(warn_after) => tracing::warn!(
+            left = progress.left.load(Ordering::Acquire),
+            handled = progress.handled.load(Ordering::Acquire),
+            after_secs = warn_after.as_secs(),
+            "recovery: the order log is still draining; every sale stays closed until it is done"
+        ),
+    }
+    drain.await
+}
+
+/// One connection's worth of draining: `Ok` once the queue is empty.
+async fn drain_once(
+    config: &WriterConfig,
+    stats: &WriterStats,
+    progress: &DrainProgress,
+) -> Result<(), String> {
     let (conn, channel) = rabbit::open(&config.rabbit, "flashsale-recovery")
         .await
         .map_err(|e| e.to_string())?;
-    let deadline = tokio::time::Instant::now() + timeout;
+    let queue = config.rabbit.queue.as_str();
     let mut client = None;
-    let mut handled = 0;
-    loop {
-        if tokio::time::Instant::now() > deadline {
-            let left = rabbit::queue_depth(&channel, &config.rabbit.queue)
+    let result = async {
+        loop {
+            let left = rabbit::queue_depth(&channel, queue)
                 .await
-                .unwrap_or(0);
-            let _ = conn.close(200, "recovery".into()).await;
-            return Err(format!(
-                "{left} order-log messages still queued after {} s",
-                timeout.as_secs()
-            ));
-        }
-        let queue = config.rabbit.queue.as_str();
-        let Some(first) = get_one(&channel, queue).await? else {
-            break;
-        };
-        let mut deliveries = vec![first];
-        // Up to a writer's prefetch window per statement, as the consumers do.
-        while deliveries.len() < usize::from(config.orders.writer_prefetch.max(1)) {
-            match get_one(&channel, queue).await? {
-                Some(d) => deliveries.push(d),
-                None => break,
+                .map_err(|e| e.to_string())?;
+            progress.left.store(u64::from(left), Ordering::Release);
+            let Some(first) = get_one(&channel, queue).await? else {
+                return Ok(());
+            };
+            let mut deliveries = vec![first];
+            // Up to a writer's prefetch window per statement, as the consumers do.
+            while deliveries.len() < usize::from(config.orders.writer_prefetch.max(1)) {
+                match get_one(&channel, queue).await? {
+                    Some(d) => deliveries.push(d),
+                    None => break,
+                }
             }
+            let count = deliveries.len() as u64;
+            client = write_deliveries(client, config, stats, deliveries).await;
+            progress.handled.fetch_add(count, Ordering::AcqRel);
         }
-        handled += deliveries.len() as u64;
-        client = write_deliveries(client, config, stats, deliveries).await;
     }
-    let _ = conn.close(200, "recovery done".into()).await;
-    Ok(handled)
+    .await;
+    let _ = conn.close(200, "recovery".into()).await;
+    result
 }
 
 /// One message from `queue` without a consumer, if it holds any.

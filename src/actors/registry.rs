@@ -247,8 +247,10 @@ pub struct SaleRegistry {
 }
 
 impl SaleRegistry {
-    pub fn insert(&self, id: Uuid, handle: SaleHandle) {
-        self.sales.insert(id, Arc::new(handle));
+    pub fn insert(&self, id: Uuid, handle: SaleHandle) -> Arc<SaleHandle> {
+        let handle = Arc::new(handle);
+        self.sales.insert(id, handle.clone());
+        handle
     }
 
     pub fn get(&self, id: Uuid) -> Option<Arc<SaleHandle>> {

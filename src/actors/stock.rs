@@ -5,6 +5,11 @@
 //! deadlines), settle what the order log confirmed, apply admin changes.
 //! Every decision is published to the [`OrderPublisher`] before it counts,
 //! and whoever asked is answered only when the entry is confirmed.
+//!
+//! An actor starts *closed* while start-up recovery drains the order log
+//! (its book then holds what PostgreSQL had, for reads only): it takes no
+//! purchase, payment, cancellation, expiry or admin change until
+//! [`Reopen`] hands it the book rebuilt from the whole log.
 //! After each change it publishes hints for the HTTP workers
 //! ([`SaleShared`]) and, at most every `stock.snapshot_interval_ms`, a
 //! snapshot to Redis that never holds up a purchase.
@@ -101,6 +106,18 @@ pub enum ChangeError {
     Patch(#[from] PatchError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The sale is closed while recovery drains the order log.
+    #[error("the sale is recovering")]
+    Recovering,
+}
+
+/// Opens a sale closed for recovery, once the order log has drained into
+/// PostgreSQL: `orders` (all of the sale's, from PostgreSQL) rebuild its
+/// book; `None` when the drain found nothing, so the book read at start holds.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reopen {
+    pub orders: Option<Vec<Order>>,
 }
 
 /// Applies an admin change: validated against the units orders hold, written
@@ -141,6 +158,8 @@ pub struct StockActor {
     expiry_tick: Duration,
     breakers: Arc<crate::breaker::Breakers>,
     snapshot_in_flight: bool,
+    /// False while recovery drains the order log: nothing is decided.
+    open: bool,
     waiters: HashMap<Uuid, Vec<Waiter>>,
     /// Where the publisher reports outcomes: made once, shared by every
     /// entry (a fresh `Recipient` per entry allocated on the hot path), and
@@ -166,8 +185,9 @@ pub struct StockDeps {
 }
 
 impl StockActor {
-    /// Starts the actor for `book` on the stock arbiter and registers it.
-    pub fn launch(book: SaleBook, deps: &StockDeps) -> SaleHandle {
+    /// Starts the actor for `book` on the stock arbiter and registers it;
+    /// `open: false` starts it closed until [`Reopen`].
+    pub fn launch(book: SaleBook, deps: &StockDeps, open: bool) -> Arc<SaleHandle> {
         let shared = Arc::new(SaleShared::new(&book, deps.mailbox_capacity));
         let sale_id = book.sale().id;
         let (actor_shared, owned) = (shared.clone(), deps.clone());
@@ -184,13 +204,12 @@ impl StockActor {
                 expiry_tick: owned.expiry_tick,
                 breakers: owned.breakers,
                 snapshot_in_flight: false,
+                open,
                 waiters: HashMap::new(),
                 settle_to: Arc::new(ctx.address().downgrade().recipient()),
             }
         });
-        let handle = SaleHandle { addr, shared };
-        deps.registry.insert(sale_id, handle.clone());
-        handle
+        deps.registry.insert(sale_id, SaleHandle { addr, shared })
     }
 
     fn changed(&mut self) {
@@ -239,6 +258,9 @@ impl StockActor {
     /// Expires every durable reservation past its deadline. Each expiry is
     /// published first; one the log cannot take now is tried at the next tick.
     fn expire_due(&mut self) {
+        if !self.open {
+            return;
+        }
         let due = self.book.due(Utc::now(), 4096);
         if due.is_empty() {
             return;
@@ -256,7 +278,8 @@ impl StockActor {
 
     fn snapshot(&mut self, ctx: &mut Context<Self>) {
         let version = self.book.version();
-        if self.snapshot_in_flight
+        if !self.open
+            || self.snapshot_in_flight
             || version == self.shared.snapshot_version.load(Ordering::Relaxed)
         {
             return;
@@ -340,6 +363,10 @@ impl Handler<Reserve> for StockActor {
             span,
         } = msg;
         let _span = tracing::debug_span!(parent: &span, "stock_actor", op = "reserve").entered();
+        if !self.open {
+            let _ = reply.send(PurchaseReply::Unavailable);
+            return;
+        }
         match self
             .book
             .reserve(user_id, quantity, idempotency_key, Utc::now())
@@ -403,6 +430,10 @@ impl Handler<OrderAction> for StockActor {
             span,
         } = msg;
         let _span = tracing::debug_span!(parent: &span, "stock_actor", op = ?action).entered();
+        if !self.open {
+            let _ = reply.send(ActionReply::Unavailable);
+            return;
+        }
         match self.book.plan(order_id, user_id, action, Utc::now()) {
             Err(ActionRefused::NotDurable) => {
                 let _ = reply.send(ActionReply::Unavailable);
@@ -481,6 +512,11 @@ impl Handler<ChangeSale> for StockActor {
 
     fn handle(&mut self, msg: ChangeSale, _: &mut Self::Context) -> Self::Result {
         self.shared.messages_handled.fetch_add(1, Ordering::Relaxed);
+        if !self.open {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(
+                ChangeError::Recovering,
+            ))));
+        }
         let now = Utc::now();
         let current = self.book.sale();
         let next = match msg.0 {
@@ -524,5 +560,19 @@ impl Handler<ChangeSale> for StockActor {
                 res
             }),
         ))
+    }
+}
+
+impl Handler<Reopen> for StockActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reopen, ctx: &mut Self::Context) {
+        if let Some(orders) = msg.orders {
+            self.book = SaleBook::restore(self.book.sale().clone(), orders);
+        }
+        self.open = true;
+        self.changed();
+        self.expire_due();
+        self.snapshot(ctx);
     }
 }

@@ -190,7 +190,7 @@ impl From<StoreError> for ApiError {
             },
             // No SQLSTATE: the connection failed, not the query. That is
             // the database being away (503), not a bug (500).
-            StoreError::Postgres(e) if e.is_closed() || e.code().is_none() => {
+            StoreError::Postgres(e) if e.is_closed() || e.code().is_none_or(|c| passing(c.code())) => {
                 tracing::warn!(error = %e, "database unreachable");
                 ApiError::Unavailable {
                     reason: "the database is unreachable",
@@ -200,6 +200,16 @@ impl From<StoreError> for ApiError {
             other => ApiError::internal(other),
         }
     }
+}
+
+/// SQLSTATE classes that say the database is away or busy for now, not that
+/// the query is wrong: connection exceptions, insufficient resources,
+/// operator intervention (a statement cancelled by `statement_timeout`, a
+/// server shutting down) and transaction rollbacks (serialization, deadlock).
+fn passing(sqlstate: &str) -> bool {
+    ["08", "40", "53", "57"]
+        .iter()
+        .any(|class| sqlstate.starts_with(class))
 }
 
 /// Builds a problem answer; also used for answers that do not come from an

@@ -92,15 +92,21 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             .map(|(k, v)| format!("{k}: {v}"))
             .collect::<Vec<_>>()
             .join("; ");
+        let (code, title) = if state.recovering() {
+            ("recovering", "Recovering the order log")
+        } else {
+            ("not_ready", "Not ready")
+        };
         HttpResponse::build(StatusCode::SERVICE_UNAVAILABLE)
             .insert_header((header::CONTENT_TYPE, PROBLEM_JSON))
             .insert_header((header::RETRY_AFTER, "1"))
             .json(serde_json::json!({
-                "type": "urn:flashsale:problem:not_ready",
-                "title": "Not ready",
+                "type": format!("urn:flashsale:problem:{code}"),
+                "title": title,
                 "status": 503,
                 "detail": detail,
-                "code": "not_ready",
+                "code": code,
+                "messages_left": state.recovery.left.load(std::sync::atomic::Ordering::Acquire),
                 "checks": body.checks,
                 "breakers": body.breakers,
             }))

@@ -65,6 +65,8 @@ pub struct AppState {
     pub writer_pool_size: usize,
     /// Set once start-up recovery has finished; `/readyz` waits for it.
     pub recovered: AtomicBool,
+    /// How far recovery's drain of the order log has come.
+    pub recovery: Arc<crate::actors::order_writer::DrainProgress>,
     /// Set when shutdown begins: purchases are refused from then on.
     pub stopping: AtomicBool,
     pub retry_after_secs: u32,
@@ -113,8 +115,17 @@ impl AppState {
         } else if self.recovered.load(Ordering::Acquire) {
             "ok".to_owned()
         } else {
-            "recovery in progress".to_owned()
+            format!(
+                "recovering: {} order-log messages left to drain into PostgreSQL, {} drained",
+                self.recovery.left.load(Ordering::Acquire),
+                self.recovery.handled.load(Ordering::Acquire)
+            )
         }
+    }
+
+    /// Start-up recovery is still draining the order log.
+    pub fn recovering(&self) -> bool {
+        !self.recovered.load(Ordering::Acquire) && !self.stopping.load(Ordering::Acquire)
     }
 }
 

@@ -168,6 +168,10 @@ impl From<ChangeError> for ApiError {
         match e {
             ChangeError::Patch(p) => p.into(),
             ChangeError::Store(s) => s.into(),
+            ChangeError::Recovering => ApiError::Unavailable {
+                reason: "the sale opens once recovery has drained the order log",
+                retry_after_secs: 1,
+            },
         }
     }
 }
@@ -291,7 +295,7 @@ pub async fn create(
     };
     state.db.insert_sale(&sale).await?;
     tracing::info!(sale_id = %sale.id, name = %sale.spec.name, "sale created");
-    let h = StockActor::launch(SaleBook::new(sale), &state.stock);
+    let h = StockActor::launch(SaleBook::new(sale), &state.stock, true);
     Ok(HttpResponse::Created().json(admin_view(&h, now)))
 }
 

@@ -61,14 +61,35 @@ fn classify(e: tokio_postgres::Error) -> StoreError {
 #[derive(Clone)]
 pub struct Database {
     pool: Pool,
+    /// How long a caller waits for a statement: PostgreSQL cancels it at
+    /// `database.statement_timeout_ms`; this is a little longer, for a
+    /// connection that stalls without an answer.
+    deadline: Duration,
+}
+
+/// The connection settings of every session the server opens: the URL, the
+/// connect time-out and `statement_timeout`, so that PostgreSQL itself
+/// cancels a statement that stalls (on a lock, say) rather than letting it
+/// commit long after its caller gave up.
+pub fn session_config(
+    settings: &DatabaseSettings,
+) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::from_str(settings.url.expose_secret())?;
+    config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
+    let timeout = format!("-c statement_timeout={}", settings.statement_timeout_ms);
+    let options = match config.get_options() {
+        Some(o) if !o.is_empty() => format!("{o} {timeout}"),
+        _ => timeout,
+    };
+    config.options(&options);
+    Ok(config)
 }
 
 impl Database {
     /// Connects (creating the database first when configured to), applies the
     /// migrations and builds the pool.
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, Unreachable> {
-        let url = settings.url.expose_secret();
-        let config = tokio_postgres::Config::from_str(url).map_err(|e| {
+        let config = session_config(settings).map_err(|e| {
             Unreachable::new("PostgreSQL", "<invalid url>".into(), "database.url", e)
         })?;
         let address = describe(&config);
@@ -81,8 +102,6 @@ impl Database {
                 .await
                 .map_err(|e| unreachable(&e))?;
         }
-        let mut config = config;
-        config.connect_timeout(timeout);
         run_migrations(&config).await.map_err(|e| unreachable(&e))?;
         let manager = PostgresConnectionManager::new(config, NoTls);
         let pool = bb8::Pool::builder()
@@ -95,7 +114,11 @@ impl Database {
             .await
             .map_err(|e| unreachable(&e))?;
         // The pool connects lazily; prove the database answers now.
-        let db = Database { pool };
+        let db = Database {
+            pool,
+            deadline: Duration::from_millis(settings.statement_timeout_ms)
+                + Duration::from_secs(1),
+        };
         db.ping().await.map_err(|e| unreachable(&e))?;
         Ok(db)
     }
@@ -166,8 +189,23 @@ impl Database {
         Ok(())
     }
 
-    /// Writes a sale's editable fields and pause flag.
+    /// Waits for `fut` at most the statement deadline.
+    async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.deadline, fut)
+            .await
+            .unwrap_or(Err(StoreError::Unavailable))
+    }
+
+    /// Writes a sale's editable fields and pause flag, within the statement
+    /// deadline.
     pub async fn update_sale(&self, sale: &Sale) -> Result<(), StoreError> {
+        self.bounded(self.update_sale_unbounded(sale)).await
+    }
+
+    async fn update_sale_unbounded(&self, sale: &Sale) -> Result<(), StoreError> {
         let conn = self.pool.get().await?;
         let s = &sale.spec;
         conn.execute(
@@ -214,12 +252,16 @@ impl Database {
 
 impl Database {
     /// Every order of every sale, except void ones, for rebuilding the stock
-    /// actors' books at start-up.
+    /// actors' books at start-up. A large store takes longer than the
+    /// statement time-out to read, so this one read goes without it.
     pub async fn orders_for_recovery(&self) -> Result<Vec<Order>, StoreError> {
-        let conn = self.pool.get().await?;
-        let rows = conn
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
+        let rows = tx
             .query(&format!("{ORDER_COLUMNS} WHERE status <> 'void'"), &[])
             .await?;
+        tx.commit().await?;
         Ok(rows.iter().filter_map(order_from_row).collect())
     }
 
@@ -250,28 +292,52 @@ impl Database {
         Ok(rows.iter().filter_map(order_from_row).collect())
     }
 
-    /// Decides an order whose publish was never confirmed: if PostgreSQL has
-    /// it, it stands (returns false); otherwise a `void` row takes its id,
-    /// so that a late copy of the reservation can never be inserted
-    /// (returns true: release its units).
-    pub async fn void_if_absent(&self, order: &Order) -> Result<bool, StoreError> {
-        let conn = self.pool.get().await?;
-        let qty = i32::try_from(order.quantity).unwrap_or(i32::MAX);
-        let inserted = conn
-            .execute(
-                "INSERT INTO orders (id, sale_id, user_id, quantity, status, created_at, expires_at, closed_at) \
-                 VALUES ($1, $2, $3, $4, 'void', $5, $6, now()) ON CONFLICT (id) DO NOTHING",
-                &[
-                    &order.id,
-                    &order.sale_id,
-                    &order.user_id,
-                    &qty,
-                    &order.created_at,
-                    &order.expires_at,
-                ],
-            )
-            .await?;
-        Ok(inserted == 1)
+    /// Writes orders in their latest state straight into PostgreSQL, as the
+    /// order writers apply log entries (the same idempotent, order-independent
+    /// upsert): for decisions whose publish to the log failed.
+    pub async fn write_orders(&self, orders: &[&Order]) -> Result<(), StoreError> {
+        self.bounded(async {
+            let conn = self.pool.get().await?;
+            let mut latest: std::collections::BTreeMap<Uuid, &Order> = Default::default();
+            for o in orders {
+                latest.insert(o.id, o);
+            }
+            let orders: Vec<&Order> = latest.into_values().collect();
+            super::order_log::upsert(&conn, super::order_log::UPSERT_ORDERS, &orders).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Decides reservations whose publish was never confirmed, with one
+    /// statement: an order PostgreSQL has stands; for every other one a
+    /// `void` row takes its id, so that a late copy of the reservation can
+    /// never be inserted. Returns the ids voided (release their units).
+    pub async fn void_absent(&self, orders: &[&Order]) -> Result<Vec<Uuid>, StoreError> {
+        self.bounded(async {
+            let conn = self.pool.get().await?;
+            let ids: Vec<Uuid> = orders.iter().map(|o| o.id).collect();
+            let sales: Vec<Uuid> = orders.iter().map(|o| o.sale_id).collect();
+            let users: Vec<Uuid> = orders.iter().map(|o| o.user_id).collect();
+            let qty: Vec<i32> = orders
+                .iter()
+                .map(|o| i32::try_from(o.quantity).unwrap_or(i32::MAX))
+                .collect();
+            let created: Vec<DateTime<Utc>> = orders.iter().map(|o| o.created_at).collect();
+            let expires: Vec<DateTime<Utc>> = orders.iter().map(|o| o.expires_at).collect();
+            let rows = conn
+                .query(
+                    "INSERT INTO orders (id, sale_id, user_id, quantity, status, created_at, expires_at, closed_at) \
+                     SELECT id, sale_id, user_id, quantity, 'void', created_at, expires_at, now() \
+                     FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::timestamptz[], $6::timestamptz[]) \
+                       AS t(id, sale_id, user_id, quantity, created_at, expires_at) \
+                     ON CONFLICT (id) DO NOTHING RETURNING id",
+                    &[&ids, &sales, &users, &qty, &created, &expires],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+        .await
     }
 }
 

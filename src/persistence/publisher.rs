@@ -9,13 +9,19 @@
 //! flight. When a batch's confirm arrives, every sale in it is told with one
 //! [`Settled`] message; that is when shoppers get their 201.
 //!
-//! Failures never oversell and never acknowledge what is not durable:
-//! - entries that were never handed to the broker (no connection) are
-//!   `released` at once;
-//! - entries whose publish or confirm failed are `in_doubt`: their units stay
-//!   held until, with the broker back and the queue drained into PostgreSQL,
-//!   each is decided there (`Database::void_if_absent`): kept if PostgreSQL
-//!   has it, released (and voided, so no late copy can land) if not.
+//! Failures never oversell, never acknowledge what is not durable, and never
+//! drop a decision a stock actor has applied:
+//! - *reservations* never handed to the broker (no connection) are
+//!   `released` at once: nobody was told yes, the units go back;
+//! - *transitions* (payments, cancellations, expiries) are decisions already
+//!   applied by their actor: they are never released. With any reservation
+//!   whose publish or confirm failed, they are `in_doubt` and go to the
+//!   [`resolve`] task, which decides them in PostgreSQL beside publishing
+//!   (one statement per batch, with backoff while PostgreSQL is away):
+//!   a transition is written there directly (the upsert is idempotent and
+//!   order-independent, see `order_log`); a reservation PostgreSQL has
+//!   stands, and one it lacks is voided (so no late copy can land) and its
+//!   units released. At shutdown what is still in doubt gets one more try.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -34,7 +40,7 @@ use uuid::Uuid;
 use super::order_log::{encode, LogEntry};
 use super::postgres::Database;
 use super::rabbit;
-use crate::actors::order_writer::{wait_drained, WriterStats};
+use crate::actors::order_writer::WriterStats;
 use crate::config::{OrderSettings, RabbitSettings};
 
 /// The outcome of published entries, sent to the stock actor of their sale.
@@ -43,9 +49,11 @@ use crate::config::{OrderSettings, RabbitSettings};
 pub struct Settled {
     /// Durable: in RabbitMQ (confirmed) or found in PostgreSQL.
     pub confirmed: Vec<Uuid>,
-    /// Publish failed with the outcome unknown; decided later.
+    /// Publish failed with the outcome unknown; decided later (for a
+    /// transition: made durable later).
     pub in_doubt: Vec<Uuid>,
-    /// Not durable and never will be: give the units back.
+    /// Reservations that are not durable and never will be: give the units
+    /// back. Never a transition.
     pub released: Vec<Uuid>,
 }
 
@@ -214,7 +222,39 @@ fn notify<'a>(
     }
 }
 
-type Pending = Rc<RefCell<Vec<PublishRequest>>>;
+/// Entries in doubt, shared by the publish loop (which adds) and the
+/// resolver (which decides); both run on the publisher's thread.
+#[derive(Clone, Default)]
+struct Doubtful {
+    entries: Rc<RefCell<Vec<PublishRequest>>>,
+    added: Rc<tokio::sync::Notify>,
+}
+
+impl Doubtful {
+    fn add(&self, reqs: Vec<PublishRequest>, stats: &PublisherStats) {
+        if reqs.is_empty() {
+            return;
+        }
+        stats.in_doubt.fetch_add(reqs.len(), Ordering::Relaxed);
+        notify(&reqs, |s| &mut s.in_doubt);
+        self.entries.borrow_mut().extend(reqs);
+        self.added.notify_one();
+    }
+
+    fn take(&self, most: usize) -> Vec<PublishRequest> {
+        let mut all = self.entries.borrow_mut();
+        let n = all.len().min(most);
+        all.drain(..n).collect()
+    }
+
+    fn put_back(&self, reqs: Vec<PublishRequest>) {
+        self.entries.borrow_mut().extend(reqs);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.borrow().is_empty()
+    }
+}
 
 async fn run(
     mut rx: mpsc::Receiver<PublishRequest>,
@@ -222,10 +262,12 @@ async fn run(
     deps: PublisherDeps,
     stats: Arc<PublisherStats>,
 ) {
+    let deps = Rc::new(deps);
     let cfg = &deps.orders;
     let max_batches = cfg.max_unconfirmed_batches;
     let permits = Arc::new(Semaphore::new(max_batches));
-    let in_doubt: Pending = Rc::new(RefCell::new(Vec::new()));
+    let doubtful = Doubtful::default();
+    let resolver = actix::spawn(resolve(doubtful.clone(), deps.clone(), stats.clone()));
     let mut link: Option<Link> = None;
     let initial_backoff = Duration::from_millis(cfg.reconnect_initial_ms.max(1));
     let mut backoff = initial_backoff;
@@ -259,7 +301,7 @@ async fn run(
                     deps.breakers.rabbitmq.record_failure(&e);
                     stats.set_error(&e);
                     // Whatever waits now was never handed to the broker.
-                    release_queued(&mut rx, &stats);
+                    release_queued(&mut rx, &stats, &doubtful);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => {}
@@ -277,16 +319,6 @@ async fn run(
             if let Ok(d) = rabbit::queue_depth(&current.channel, &deps.rabbit.queue).await {
                 stats.queue_depth.store(d, Ordering::Relaxed);
             }
-        }
-
-        if !in_doubt.borrow().is_empty()
-            && !stopping
-            && resolve_in_doubt(&in_doubt, current, &deps, &stats, &permits)
-                .await
-                .is_err()
-        {
-            link = None;
-            continue;
         }
 
         // Wait for the first entry of a batch (or a reason to look around).
@@ -314,7 +346,7 @@ async fn run(
             }
         }
 
-        if publish(batch, current, &deps, &stats, &permits, &in_doubt)
+        if publish(batch, current, &deps, &stats, &permits, &doubtful)
             .await
             .is_err()
         {
@@ -324,12 +356,19 @@ async fn run(
 
     // Shutting down: every batch in flight gets its confirm (or is in doubt).
     let _ = permits.acquire_many(max_batches as u32).await;
-    release_queued(&mut rx, &stats);
-    let left = in_doubt.borrow().len();
+    release_queued(&mut rx, &stats, &doubtful);
+    resolver.abort();
+    // One more try for what is in doubt, then whatever is left is said.
+    while !doubtful.is_empty() {
+        if decide(&doubtful, &deps, &stats).await.is_err() {
+            break;
+        }
+    }
+    let left = doubtful.entries.borrow().len();
     if left > 0 {
-        tracing::warn!(
+        tracing::error!(
             in_doubt = left,
-            "stopping with orders in doubt; start-up recovery decides them from PostgreSQL"
+            "stopping with order-log entries in doubt and PostgreSQL away: start-up recovery keeps the reservations PostgreSQL has; payments and cancellations among them are lost"
         );
     }
     stats.connected.store(false, Ordering::Release);
@@ -346,7 +385,7 @@ async fn publish(
     deps: &PublisherDeps,
     stats: &Arc<PublisherStats>,
     permits: &Arc<Semaphore>,
-    in_doubt: &Pending,
+    doubtful: &Doubtful,
 ) -> Result<(), ()> {
     let Ok(permit) = permits.clone().acquire_owned().await else {
         return Err(());
@@ -371,7 +410,7 @@ async fn publish(
     match published {
         Ok(confirm) => {
             let stats = stats.clone();
-            let in_doubt = in_doubt.clone();
+            let doubtful = doubtful.clone();
             let metrics = deps.metrics.clone();
             let breakers = deps.breakers.clone();
             actix::spawn(async move {
@@ -401,7 +440,8 @@ async fn publish(
                         tracing::error!(error = %reason, entries = batch.len(), "order-log batch not confirmed; its entries are in doubt");
                         breakers.rabbitmq.record_failure(&reason);
                         stats.set_error(&reason);
-                        mark_in_doubt(batch, &in_doubt, &stats);
+                        stats.batches_failed.fetch_add(1, Ordering::Relaxed);
+                        doubtful.add(batch, &stats);
                     }
                 }
             });
@@ -413,23 +453,29 @@ async fn publish(
             tracing::error!(error = %e, entries = batch.len(), "order-log publish failed; its entries are in doubt");
             deps.breakers.rabbitmq.record_failure(&e);
             stats.set_error(&e);
-            mark_in_doubt(batch, in_doubt, stats);
+            stats.batches_failed.fetch_add(1, Ordering::Relaxed);
+            doubtful.add(batch, stats);
             Err(())
         }
     }
 }
 
-fn mark_in_doubt(batch: Vec<PublishRequest>, pending: &Pending, stats: &PublisherStats) {
-    stats.batches_failed.fetch_add(1, Ordering::Relaxed);
-    stats.in_doubt.fetch_add(batch.len(), Ordering::Relaxed);
-    notify(&batch, |s| &mut s.in_doubt);
-    pending.borrow_mut().extend(batch);
-}
-
-fn release_queued(rx: &mut mpsc::Receiver<PublishRequest>, stats: &PublisherStats) {
+/// Empties the channel of entries that were never handed to the broker:
+/// reservations are released (nobody was told yes); transitions, decisions
+/// their actors already applied, go to the resolver.
+fn release_queued(
+    rx: &mut mpsc::Receiver<PublishRequest>,
+    stats: &PublisherStats,
+    doubtful: &Doubtful,
+) {
     let mut never_sent = Vec::new();
+    let mut decided = Vec::new();
     while let Ok(r) = rx.try_recv() {
-        never_sent.push(r);
+        if r.entry.is_transition() {
+            decided.push(r);
+        } else {
+            never_sent.push(r);
+        }
     }
     if !never_sent.is_empty() {
         stats
@@ -437,76 +483,107 @@ fn release_queued(rx: &mut mpsc::Receiver<PublishRequest>, stats: &PublisherStat
             .fetch_add(never_sent.len() as u64, Ordering::Relaxed);
         notify(&never_sent, |s| &mut s.released);
     }
+    doubtful.add(decided, stats);
 }
 
-/// With the broker back. Transitions (payments, cancellations, expiries)
-/// were decided by their actor and are idempotent: they are published again.
-/// Reservations are decided in PostgreSQL once the queue has drained into
-/// it: kept if there, voided and released if not. Undecided ones (database
-/// down) wait for the next round.
-async fn resolve_in_doubt(
-    pending: &Pending,
-    link: &Link,
-    deps: &PublisherDeps,
-    stats: &Arc<PublisherStats>,
-    permits: &Arc<Semaphore>,
-) -> Result<(), ()> {
-    let (transitions, reservations): (Vec<_>, Vec<_>) = std::mem::take(&mut *pending.borrow_mut())
-        .into_iter()
-        .partition(|r| matches!(r.entry, LogEntry::Transition { .. }));
+/// Entries one statement decides, at most.
+const DECIDE_BATCH: usize = 4096;
+
+/// Decides entries in doubt in PostgreSQL, beside publishing: the publish
+/// loop never waits for the database. Waits while nothing is in doubt;
+/// backs off while PostgreSQL is away.
+async fn resolve(doubtful: Doubtful, deps: Rc<PublisherDeps>, stats: Arc<PublisherStats>) {
+    let initial = Duration::from_millis(deps.orders.retry_initial_ms.max(1));
+    let mut backoff = initial;
+    loop {
+        if doubtful.is_empty() {
+            doubtful.added.notified().await;
+            continue;
+        }
+        // A reservation whose confirm was lost may still be on its way into
+        // PostgreSQL: give the writers a moment (bounded) to put it there,
+        // so that it stands rather than being voided. Voiding would be safe
+        // too: its buyer was told 503, and the void row stops a late copy.
+        wait_writers_idle(&deps.writers, &stats, Duration::from_secs(2)).await;
+        match decide(&doubtful, &deps, &stats).await {
+            Ok(()) => backoff = initial,
+            Err(()) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(deps.orders.retry_max_ms));
+            }
+        }
+    }
+}
+
+/// Waits (at most `within`) until the last depth sample of the order queue
+/// is zero and no writer holds a delivery.
+async fn wait_writers_idle(writers: &WriterStats, stats: &PublisherStats, within: Duration) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if stats.queue_depth.load(Ordering::Relaxed) == 0
+            && writers.in_flight.load(Ordering::Acquire) == 0
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Decides one batch of entries in doubt with one statement each for the
+/// transitions and the reservations. `Err` (entries put back) when
+/// PostgreSQL did not answer.
+async fn decide(doubtful: &Doubtful, deps: &PublisherDeps, stats: &PublisherStats) -> Result<(), ()> {
+    let batch = doubtful.take(DECIDE_BATCH);
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let (transitions, reservations): (Vec<_>, Vec<_>) =
+        batch.into_iter().partition(|r| r.entry.is_transition());
     if !transitions.is_empty() {
-        stats
-            .in_doubt
-            .fetch_sub(transitions.len(), Ordering::Relaxed);
-        tracing::info!(
-            entries = transitions.len(),
-            "publishing in-doubt transitions again"
-        );
-        publish(transitions, link, deps, stats, permits, pending).await?;
+        let orders: Vec<_> = transitions.iter().map(|r| r.entry.order()).collect();
+        match deps.db.write_orders(&orders).await {
+            Ok(()) => {
+                tracing::info!(entries = transitions.len(), "in-doubt transitions written to PostgreSQL");
+                stats.in_doubt.fetch_sub(transitions.len(), Ordering::Relaxed);
+                notify(&transitions, |s| &mut s.confirmed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, entries = transitions.len(), "cannot write in-doubt transitions yet");
+                doubtful.put_back(transitions);
+                doubtful.put_back(reservations);
+                return Err(());
+            }
+        }
     }
     if reservations.is_empty() {
         return Ok(());
     }
-    pending.borrow_mut().extend(reservations);
-    if !wait_drained(
-        &link.channel,
-        &deps.rabbit.queue,
-        &deps.writers,
-        Duration::from_secs(5),
-    )
-    .await
-    {
-        return Ok(());
-    }
-    let list: Vec<PublishRequest> = std::mem::take(&mut *pending.borrow_mut());
-    let mut kept = Vec::new();
-    let mut released = Vec::new();
-    let mut undecided = Vec::new();
-    for req in list {
-        let order = req.entry.order();
-        match deps.db.void_if_absent(order).await {
-            Ok(true) => released.push(req),
-            Ok(false) => kept.push(req),
-            Err(e) => {
-                tracing::warn!(error = %e, order_id = %order.id, "cannot decide an in-doubt order yet");
-                undecided.push(req);
-            }
+    let orders: Vec<_> = reservations.iter().map(|r| r.entry.order()).collect();
+    match deps.db.void_absent(&orders).await {
+        Ok(voided) => {
+            let voided: std::collections::HashSet<Uuid> = voided.into_iter().collect();
+            let (released, kept): (Vec<_>, Vec<_>) = reservations
+                .into_iter()
+                .partition(|r| voided.contains(&r.entry.order_id()));
+            tracing::info!(
+                kept = kept.len(),
+                released = released.len(),
+                "in-doubt reservations decided"
+            );
+            stats
+                .in_doubt
+                .fetch_sub(kept.len() + released.len(), Ordering::Relaxed);
+            stats
+                .released
+                .fetch_add(released.len() as u64, Ordering::Relaxed);
+            notify(&kept, |s| &mut s.confirmed);
+            notify(&released, |s| &mut s.released);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, entries = reservations.len(), "cannot decide in-doubt reservations yet");
+            doubtful.put_back(reservations);
+            Err(())
         }
     }
-    let decided = kept.len() + released.len();
-    if decided > 0 {
-        tracing::info!(
-            kept = kept.len(),
-            released = released.len(),
-            "in-doubt orders decided"
-        );
-    }
-    stats.in_doubt.fetch_sub(decided, Ordering::Relaxed);
-    stats
-        .released
-        .fetch_add(released.len() as u64, Ordering::Relaxed);
-    notify(&kept, |s| &mut s.confirmed);
-    notify(&released, |s| &mut s.released);
-    pending.borrow_mut().extend(undecided);
-    Ok(())
 }

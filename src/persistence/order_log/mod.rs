@@ -116,7 +116,8 @@ pub struct OrderStore {
     known_sales: std::collections::HashSet<uuid::Uuid>,
 }
 
-const UPSERT_ORDERS: &str = "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at) \
+/// The one statement every order-log entry is applied with.
+pub(crate) const UPSERT_ORDERS: &str = "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at) \
      SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[], \
                           $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[]) \
      ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, paid_at = EXCLUDED.paid_at, closed_at = EXCLUDED.closed_at \
@@ -153,7 +154,9 @@ impl OrderStore {
             return Ok(0);
         }
         self.check_sales(&orders).await?;
-        self.upsert(&orders).await.map_err(classify)
+        upsert(&self.client, &self.upsert, &orders)
+            .await
+            .map_err(classify)
     }
 
     /// Refuses a message naming a sale that does not exist.
@@ -183,33 +186,42 @@ impl OrderStore {
             None => Ok(()),
         }
     }
+}
 
-    async fn upsert(&self, orders: &[&Order]) -> Result<u64, tokio_postgres::Error> {
-        let ids: Vec<_> = orders.iter().map(|o| o.id).collect();
-        let sales: Vec<_> = orders.iter().map(|o| o.sale_id).collect();
-        let users: Vec<_> = orders.iter().map(|o| o.user_id).collect();
-        let qty: Vec<i32> = orders
-            .iter()
-            .map(|o| i32::try_from(o.quantity).unwrap_or(i32::MAX))
-            .collect();
-        let status: Vec<&str> = orders.iter().map(|o| o.status.as_str()).collect();
-        let keys: Vec<Option<&str>> = orders
-            .iter()
-            .map(|o| o.idempotency_key.as_deref())
-            .collect();
-        let created: Vec<_> = orders.iter().map(|o| o.created_at).collect();
-        let expires: Vec<_> = orders.iter().map(|o| o.expires_at).collect();
-        let paid: Vec<_> = orders.iter().map(|o| o.paid_at).collect();
-        let closed: Vec<_> = orders.iter().map(|o| o.closed_at).collect();
-        self.client
-            .execute(
-                &self.upsert,
-                &[
-                    &ids, &sales, &users, &qty, &status, &keys, &created, &expires, &paid, &closed,
-                ],
-            )
-            .await
-    }
+/// Applies `orders` (each in its latest state, each id once) with
+/// [`UPSERT_ORDERS`], prepared or not.
+pub(crate) async fn upsert<S>(
+    client: &tokio_postgres::Client,
+    statement: &S,
+    orders: &[&Order],
+) -> Result<u64, tokio_postgres::Error>
+where
+    S: tokio_postgres::ToStatement + ?Sized,
+{
+    let ids: Vec<_> = orders.iter().map(|o| o.id).collect();
+    let sales: Vec<_> = orders.iter().map(|o| o.sale_id).collect();
+    let users: Vec<_> = orders.iter().map(|o| o.user_id).collect();
+    let qty: Vec<i32> = orders
+        .iter()
+        .map(|o| i32::try_from(o.quantity).unwrap_or(i32::MAX))
+        .collect();
+    let status: Vec<&str> = orders.iter().map(|o| o.status.as_str()).collect();
+    let keys: Vec<Option<&str>> = orders
+        .iter()
+        .map(|o| o.idempotency_key.as_deref())
+        .collect();
+    let created: Vec<_> = orders.iter().map(|o| o.created_at).collect();
+    let expires: Vec<_> = orders.iter().map(|o| o.expires_at).collect();
+    let paid: Vec<_> = orders.iter().map(|o| o.paid_at).collect();
+    let closed: Vec<_> = orders.iter().map(|o| o.closed_at).collect();
+    client
+        .execute(
+            statement,
+            &[
+                &ids, &sales, &users, &qty, &status, &keys, &created, &expires, &paid, &closed,
+            ],
+        )
+        .await
 }
 
 #[cfg(test)]
