@@ -427,9 +427,7 @@ async fn reopen_sales(db: &Database, registry: &SaleRegistry, ids: Vec<uuid::Uui
         let Some(handle) = registry.get(id) else {
             continue;
         };
-        let its = orders
-            .as_mut()
-            .map(|o| o.remove(&id).unwrap_or_default());
+        let its = orders.as_mut().map(|o| o.remove(&id).unwrap_or_default());
         let _ = handle.addr.send(Reopen { orders: its }).await;
     }
     tracing::info!(sales = count, "recovery: every sale open");

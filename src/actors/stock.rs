@@ -513,9 +513,7 @@ impl Handler<ChangeSale> for StockActor {
     fn handle(&mut self, msg: ChangeSale, _: &mut Self::Context) -> Self::Result {
         self.shared.messages_handled.fetch_add(1, Ordering::Relaxed);
         if !self.open {
-            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(
-                ChangeError::Recovering,
-            ))));
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(ChangeError::Recovering))));
         }
         let now = Utc::now();
         let current = self.book.sale();

@@ -190,7 +190,9 @@ impl From<StoreError> for ApiError {
             },
             // No SQLSTATE: the connection failed, not the query. That is
             // the database being away (503), not a bug (500).
-            StoreError::Postgres(e) if e.is_closed() || e.code().is_none_or(|c| passing(c.code())) => {
+            StoreError::Postgres(e)
+                if e.is_closed() || e.code().is_none_or(|c| passing(c.code())) =>
+            {
                 tracing::warn!(error = %e, "database unreachable");
                 ApiError::Unavailable {
                     reason: "the database is unreachable",

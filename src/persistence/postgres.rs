@@ -116,8 +116,7 @@ impl Database {
         // The pool connects lazily; prove the database answers now.
         let db = Database {
             pool,
-            deadline: Duration::from_millis(settings.statement_timeout_ms)
-                + Duration::from_secs(1),
+            deadline: Duration::from_millis(settings.statement_timeout_ms) + Duration::from_secs(1),
         };
         db.ping().await.map_err(|e| unreachable(&e))?;
         Ok(db)

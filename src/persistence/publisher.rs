@@ -532,7 +532,11 @@ async fn wait_writers_idle(writers: &WriterStats, stats: &PublisherStats, within
 /// Decides one batch of entries in doubt with one statement each for the
 /// transitions and the reservations. `Err` (entries put back) when
 /// PostgreSQL did not answer.
-async fn decide(doubtful: &Doubtful, deps: &PublisherDeps, stats: &PublisherStats) -> Result<(), ()> {
+async fn decide(
+    doubtful: &Doubtful,
+    deps: &PublisherDeps,
+    stats: &PublisherStats,
+) -> Result<(), ()> {
     let batch = doubtful.take(DECIDE_BATCH);
     if batch.is_empty() {
         return Ok(());
@@ -543,8 +547,13 @@ async fn decide(doubtful: &Doubtful, deps: &PublisherDeps, stats: &PublisherStat
         let orders: Vec<_> = transitions.iter().map(|r| r.entry.order()).collect();
         match deps.db.write_orders(&orders).await {
             Ok(()) => {
-                tracing::info!(entries = transitions.len(), "in-doubt transitions written to PostgreSQL");
-                stats.in_doubt.fetch_sub(transitions.len(), Ordering::Relaxed);
+                tracing::info!(
+                    entries = transitions.len(),
+                    "in-doubt transitions written to PostgreSQL"
+                );
+                stats
+                    .in_doubt
+                    .fetch_sub(transitions.len(), Ordering::Relaxed);
                 notify(&transitions, |s| &mut s.confirmed);
             }
             Err(e) => {

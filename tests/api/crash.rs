@@ -1,73 +1,222 @@
-//! A 201 is a promise, across `kill -9`: the real binary is driven with
-//! purchases, killed mid-stream three times, restarted each time, and every
-//! order it answered 201 must be in PostgreSQL, with no sale oversold and no
-//! buyer over the limit.
+//! The promises across `kill -9`: the real binary is driven with a rush of
+//! purchases, payments and cancellations, killed at random moments ten
+//! times, restarted each time, and after every restart each invariant of
+//! ARCHITECTURE.md is checked against PostgreSQL and the server.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use futures_util::FutureExt;
+use rand::Rng;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::helpers::{
-    assert_sale_invariants, cleanup, db_client, free_port, held_order_ids, mint_shopper, sale_body,
-    server_command, test_settings, uuid_of, wait_ready, ADMIN_TOKEN,
+    assert_sale_invariants, cleanup, db_client, held_order_ids, mint_shopper, sale_body,
+    stored_counters, test_settings, uuid_of, wait_ready, ServerProcess, ADMIN_TOKEN,
 };
 
-struct Server {
-    child: tokio::process::Child,
-    base: String,
+/// What the server acknowledged about an order: a 201, then perhaps a 200
+/// to a payment or a cancellation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Acked {
+    Reserved,
+    Paid,
+    Cancelled,
 }
 
-async fn start(settings: &flashsale::config::Settings, client: &reqwest::Client) -> Server {
-    let port = free_port();
-    let mut cmd = tokio::process::Command::from(server_command(settings, port));
-    cmd.stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn server: {e}"));
-    let base = format!("http://127.0.0.1:{port}");
-    assert!(
-        wait_ready(client, &base, Duration::from_secs(60)).await,
-        "server did not become ready"
+/// One buyer's acknowledged orders, by the key that made each.
+#[derive(Default)]
+struct Buyer {
+    presses: u32,
+    orders: Vec<(String, Uuid, Acked)>,
+}
+
+/// Every order id PostgreSQL holds for the sale, with its status.
+async fn stored_statuses(db: &tokio_postgres::Client, sale: Uuid) -> HashMap<Uuid, String> {
+    db.query("SELECT id, status FROM orders WHERE sale_id = $1", &[&sale])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// One round of load: until `stop`, each driver picks a buyer and either
+/// presses "buy" with a fresh key, or pays or cancels one of its reserved
+/// orders. Only acknowledged answers are recorded.
+async fn drive(
+    client: &reqwest::Client,
+    base: &str,
+    sale: Uuid,
+    tokens: &[(Uuid, String)],
+    buyers: &RefCell<Vec<Buyer>>,
+    stop: &Cell<bool>,
+    acks: &Cell<usize>,
+) {
+    while !stop.get() {
+        let (i, roll) = {
+            let mut rng = rand::thread_rng();
+            (rng.gen_range(0..tokens.len()), rng.gen_range(0..10u8))
+        };
+        let reserved = buyers.borrow()[i]
+            .orders
+            .iter()
+            .position(|(_, _, a)| *a == Acked::Reserved);
+        let token = &tokens[i].1;
+        match reserved {
+            Some(at) if roll < 6 => {
+                let id = buyers.borrow()[i].orders[at].1;
+                let (action, acked) = if roll < 3 {
+                    ("payment", Acked::Paid)
+                } else {
+                    ("cancel", Acked::Cancelled)
+                };
+                let sent = client
+                    .post(format!("{base}/api/v1/orders/{id}/{action}"))
+                    .bearer_auth(token)
+                    .send()
+                    .await;
+                if sent.is_ok_and(|r| r.status() == 200) {
+                    buyers.borrow_mut()[i].orders[at].2 = acked;
+                    acks.set(acks.get() + 1);
+                }
+            }
+            _ => {
+                let key = {
+                    let mut b = buyers.borrow_mut();
+                    b[i].presses += 1;
+                    format!("press-{}", b[i].presses)
+                };
+                let sent = client
+                    .post(format!("{base}/api/v1/sales/{sale}/purchases"))
+                    .bearer_auth(token)
+                    .header("idempotency-key", &key)
+                    .send()
+                    .await;
+                let Ok(res) = sent else { continue };
+                if res.status() == 201 {
+                    if let Ok(body) = res.json::<Value>().await {
+                        let id = uuid_of(&body["id"]);
+                        buyers.borrow_mut()[i]
+                            .orders
+                            .push((key, id, Acked::Reserved));
+                        acks.set(acks.get() + 1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every invariant, after a restart, against PostgreSQL and the server.
+async fn check_invariants(
+    client: &reqwest::Client,
+    base: &str,
+    db: &tokio_postgres::Client,
+    sale: Uuid,
+    stock: i64,
+    tokens: &[(Uuid, String)],
+    buyers: &RefCell<Vec<Buyer>>,
+) {
+    // 1, 2: no oversell, no buyer over the limit.
+    let held = assert_sale_invariants(db, sale).await;
+    // 3, 5: every acknowledged order and decision is in PostgreSQL as told.
+    let stored = stored_statuses(db, sale).await;
+    for b in buyers.borrow().iter() {
+        for (_, id, acked) in &b.orders {
+            let status = stored.get(id).map(String::as_str);
+            let ok = match acked {
+                Acked::Reserved => matches!(status, Some("reserved" | "paid" | "cancelled")),
+                Acked::Paid => status == Some("paid"),
+                Acked::Cancelled => status == Some("cancelled"),
+            };
+            assert!(
+                ok,
+                "order {id} acknowledged {acked:?} is {status:?} in PostgreSQL"
+            );
+        }
+    }
+    // 4: a key gives back its order, never a second one (a sample).
+    let sample: Vec<(usize, String, Uuid)> = buyers
+        .borrow()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| b.orders.first().map(|(k, id, _)| (i, k.clone(), *id)))
+        .take(5)
+        .collect();
+    for (i, key, id) in sample {
+        let res = client
+            .post(format!("{base}/api/v1/sales/{sale}/purchases"))
+            .bearer_auth(&tokens[i].1)
+            .header("idempotency-key", &key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let status = res.status().as_u16();
+        let body: Value = res.json().await.unwrap_or_default();
+        assert_eq!(status, 200, "replay of {key}: {body}");
+        assert_eq!(uuid_of(&body["id"]), id, "replay of {key}");
+    }
+    // 5: units came back exactly once: the server's stock and counters are
+    // PostgreSQL's.
+    let view: Value = client
+        .get(format!("{base}/admin/v1/sales/{sale}"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_default();
+    assert_eq!(view["stock_left"].as_i64(), Some(stock - held), "{view}");
+    let (reserved, paid, _, cancelled) = stored_counters(db, sale).await;
+    assert_eq!(
+        (
+            view["reserved"].as_i64(),
+            view["paid"].as_i64(),
+            view["cancelled"].as_i64()
+        ),
+        (Some(reserved), Some(paid), Some(cancelled)),
+        "{view}"
     );
-    Server { child, base }
 }
 
 #[actix_web::test]
-async fn every_201_survives_sigkill_mid_stream_three_times() {
+async fn the_promises_hold_across_ten_sigkills_at_random_moments() {
     let settings = test_settings();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
-    let stock = 400u64;
-    let mut server = start(&settings, &client).await;
-    let res = client
+    let stock = 20_000i64;
+    let mut server = ServerProcess::start(&settings, &client).await;
+    let sale: Value = client
         .post(format!("{}/admin/v1/sales", server.base))
         .bearer_auth(ADMIN_TOKEN)
         .json(&sale_body(
-            json!({"stock_total": stock, "per_user_limit": 1}),
+            json!({"stock_total": stock, "per_user_limit": 2}),
         ))
         .send()
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let sale: Value = res.json().await.unwrap_or_default();
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_default();
     let sale_id = uuid_of(&sale["id"]);
-    // More buyers than stock, each trying again and again: after a restart a
-    // buyer who already has an order must be refused (limit 1).
-    let buyers: Vec<(Uuid, String)> = (0..600).map(|_| mint_shopper(&settings)).collect();
-    let answered: RefCell<HashSet<Uuid>> = RefCell::new(HashSet::new());
+    let tokens: Vec<(Uuid, String)> = (0..4000).map(|_| mint_shopper(&settings)).collect();
+    let buyers: RefCell<Vec<Buyer>> =
+        RefCell::new((0..tokens.len()).map(|_| Buyer::default()).collect());
+    let db = db_client(&settings).await;
 
-    for round in 0..3 {
-        // In rounds 1 and 2 the writers are held back by a lock on the
-        // orders table, so confirmed orders wait in RabbitMQ when the kill
-        // comes: exactly the window where other designs lose orders.
+    for round in 0..10 {
+        // In every other round the writers are held back by a lock on the
+        // orders table, so the kill finds acknowledged orders and decisions
+        // only in RabbitMQ: exactly the window where other designs lose them.
         let locker = db_client(&settings).await;
-        let held_back = round > 0;
+        let held_back = round % 2 == 1;
         if held_back {
             locker
                 .batch_execute("BEGIN; LOCK TABLE orders IN EXCLUSIVE MODE")
@@ -75,132 +224,83 @@ async fn every_201_survives_sigkill_mid_stream_three_times() {
                 .unwrap_or_else(|e| panic!("{e}"));
         }
         let stop = Cell::new(false);
-        let round_201 = Cell::new(0usize);
+        let acks = Cell::new(0usize);
         let base = server.base.clone();
-        let drivers = (0..48).map(|w| {
-            let (client, base, buyers, stop, answered, round_201) =
-                (&client, &base, &buyers, &stop, &answered, &round_201);
-            async move {
-                let mut i = w;
-                while !stop.get() {
-                    i = (i + 7) % buyers.len();
-                    let sent = client
-                        .post(format!("{base}/api/v1/sales/{sale_id}/purchases"))
-                        .bearer_auth(&buyers[i].1)
-                        .send()
-                        .await;
-                    let Ok(res) = sent else { continue };
-                    if res.status() == 201 {
-                        if let Ok(body) = res.json::<Value>().await {
-                            answered.borrow_mut().insert(uuid_of(&body["id"]));
-                            round_201.set(round_201.get() + 1);
-                        }
-                    }
-                }
-            }
-        });
+        let drivers =
+            (0..32).map(|_| drive(&client, &base, sale_id, &tokens, &buyers, &stop, &acks));
         let killer = async {
-            // Kill once this round has sold a few, while purchases are in flight.
+            // A random moment once this round has some acknowledged work.
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while round_201.get() < 20 && std::time::Instant::now() < deadline {
+            while acks.get() < 10 && std::time::Instant::now() < deadline {
                 actix_web::rt::time::sleep(Duration::from_millis(5)).await;
             }
-            server
-                .child
-                .start_kill()
-                .unwrap_or_else(|e| panic!("kill: {e}"));
-            let _ = server.child.wait().await;
+            let wait = rand::thread_rng().gen_range(0..800);
+            actix_web::rt::time::sleep(Duration::from_millis(wait)).await;
+            server.kill().await;
             stop.set(true);
         };
         tokio::join!(join_all(drivers), killer);
         assert!(
-            round_201.get() >= 20,
-            "round {round} sold too little before the kill"
-        );
-        // What PostgreSQL held at the moment of the kill, before recovery.
-        let db = db_client(&settings).await;
-        let at_kill = held_order_ids(&db, sale_id).await;
-        let not_yet_written = answered.borrow().difference(&at_kill).count();
-        eprintln!(
-            "round {round}: {} answered 201 this round, {} in total, {not_yet_written} not yet in PostgreSQL at the kill",
-            round_201.get(),
-            answered.borrow().len()
+            acks.get() >= 10,
+            "round {round} acknowledged too little before the kill"
         );
         if held_back {
+            let at_kill = held_order_ids(&db, sale_id).await;
+            let only_in_log = buyers
+                .borrow()
+                .iter()
+                .flat_map(|b| &b.orders)
+                .filter(|(_, id, a)| *a != Acked::Cancelled && !at_kill.contains(id))
+                .count();
+            eprintln!(
+                "round {round}: {} acknowledged, {only_in_log} orders only in RabbitMQ at the kill",
+                acks.get()
+            );
             assert!(
-                not_yet_written > 0,
+                only_in_log > 0,
                 "round {round}: the kill must find orders only in RabbitMQ"
             );
+            // Restart while the writers are still held back, past the drain
+            // warning: no sale may open before the whole log is written.
+            server = ServerProcess::spawn(
+                &settings,
+                &[("FLASHSALE__ORDERS__RECOVERY_DRAIN_WARN_SECS", "1")],
+            );
+            let hold = rand::thread_rng().gen_range(500..2500);
+            actix_web::rt::time::sleep(Duration::from_millis(hold)).await;
             locker
                 .batch_execute("ROLLBACK")
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
+            assert!(wait_ready(&client, &server.base, Duration::from_secs(60)).await);
+        } else {
+            server = ServerProcess::start(&settings, &client).await;
         }
         drop(locker);
-        server = start(&settings, &client).await;
+        check_invariants(&client, &server.base, &db, sale_id, stock, &tokens, &buyers).await;
     }
-
-    // After the last restart (recovery drained the log): every 201 is stored.
-    let db = db_client(&settings).await;
-    let answered = answered.into_inner();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut stored = held_order_ids(&db, sale_id).await;
-    while !answered.is_subset(&stored) && std::time::Instant::now() < deadline {
-        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
-        stored = held_order_ids(&db, sale_id).await;
+    // A buyer at the limit is still refused after all the restarts.
+    let full = buyers.borrow().iter().position(|b| {
+        b.orders
+            .iter()
+            .filter(|(_, _, a)| *a != Acked::Cancelled)
+            .count()
+            >= 2
+    });
+    if let Some(i) = full {
+        let res = client
+            .post(format!("{}/api/v1/sales/{sale_id}/purchases", server.base))
+            .bearer_auth(&tokens[i].1)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let body: Value = res.json().await.unwrap_or_default();
+        assert!(
+            body["code"] == "limit_reached" || body["code"] == "sold_out",
+            "{body}"
+        );
     }
-    let missing: Vec<_> = answered.difference(&stored).collect();
-    assert!(
-        missing.is_empty(),
-        "{} orders answered 201 are not in PostgreSQL: {missing:?}",
-        missing.len()
-    );
-    let held = assert_sale_invariants(&db, sale_id).await;
-    assert!(held as u64 <= stock);
-    // The restarted server agrees with PostgreSQL about what is left.
-    let view: Value = client
-        .get(format!("{}/api/v1/sales/{sale_id}", server.base))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .json()
-        .await
-        .unwrap_or_default();
-    assert_eq!(
-        view["stock_left"].as_u64(),
-        Some(stock - held as u64),
-        "{view}"
-    );
-    // A buyer who already holds a unit is still refused after all the restarts.
-    let owner: Uuid = db
-        .query_one(
-            "SELECT user_id FROM orders WHERE sale_id = $1 AND status = 'reserved' LIMIT 1",
-            &[&sale_id],
-        )
-        .await
-        .map(|r| r.get(0))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let token = buyers
-        .iter()
-        .find(|(u, _)| *u == owner)
-        .map(|(_, t)| t.clone())
-        .unwrap_or_default();
-    let res = client
-        .post(format!("{}/api/v1/sales/{sale_id}/purchases", server.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let status = res.status().as_u16();
-    let body: Value = res.json().await.unwrap_or_default();
-    assert_eq!(status, 409, "{body}");
-    assert!(
-        body["code"] == "limit_reached" || body["code"] == "sold_out",
-        "{body}"
-    );
-
-    let _ = server.child.start_kill();
-    let _ = server.child.wait().await;
+    server.kill().await;
     cleanup(&settings).await;
 }
 
@@ -211,7 +311,7 @@ async fn sigterm_mid_load_finishes_in_flight_work_and_exits_cleanly() {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut server = start(&settings, &client).await;
+    let mut server = ServerProcess::start(&settings, &client).await;
     let sale: Value = client
         .post(format!("{}/admin/v1/sales", server.base))
         .bearer_auth(ADMIN_TOKEN)

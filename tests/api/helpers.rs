@@ -584,3 +584,55 @@ pub async fn assert_counters_match(app: &TestApp, sale_id: &str) -> Value {
         actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// The real server binary, running as a child process.
+pub struct ServerProcess {
+    pub child: tokio::process::Child,
+    pub base: String,
+}
+
+impl ServerProcess {
+    /// Starts the binary with `settings` (and `env` on top) on a free port,
+    /// without waiting for it to be ready.
+    pub fn spawn(settings: &Settings, env: &[(&str, &str)]) -> ServerProcess {
+        let port = free_port();
+        let mut cmd = tokio::process::Command::from(server_command(settings, port));
+        cmd.envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn server: {e}"));
+        ServerProcess {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Starts the binary and waits until `/readyz` says ready.
+    pub async fn start(settings: &Settings, client: &reqwest::Client) -> ServerProcess {
+        let server = Self::spawn(settings, &[]);
+        assert!(
+            wait_ready(client, &server.base, std::time::Duration::from_secs(60)).await,
+            "server did not become ready"
+        );
+        server
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(&mut self) {
+        self.child
+            .start_kill()
+            .unwrap_or_else(|e| panic!("kill: {e}"));
+        let _ = self.child.wait().await;
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().unwrap_or_default();
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+}

@@ -6,6 +6,7 @@ mod helpers;
 mod admin_sales;
 mod config;
 mod crash;
+mod faults;
 mod http_conventions;
 mod lifecycle;
 mod observability;

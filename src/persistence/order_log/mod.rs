@@ -303,14 +303,31 @@ mod tests {
 
     #[test]
     fn refuses_unknown_versions_fields_and_ops() {
-        let malformed = |text: &str| matches!(decode(text.as_bytes()), Err(ApplyError::Malformed(_)));
+        let malformed =
+            |text: &str| matches!(decode(text.as_bytes()), Err(ApplyError::Malformed(_)));
         assert!(malformed(&GOLDEN_V2.replacen(r#""v":2"#, r#""v":99"#, 1)));
         assert!(malformed(&GOLDEN_V2.replacen(r#""v":2"#, r#""v":1"#, 1)));
         assert!(malformed("not json"));
-        assert!(malformed(&GOLDEN_V2.replacen(r#""qty":2"#, r#""qty":2,"why":1"#, 1)));
-        assert!(malformed(&GOLDEN_V2.replacen(r#""op":"reserve""#, r#""op":"reserve","why":1"#, 1)));
+        assert!(malformed(&GOLDEN_V2.replacen(
+            r#""qty":2"#,
+            r#""qty":2,"why":1"#,
+            1
+        )));
+        assert!(malformed(&GOLDEN_V2.replacen(
+            r#""op":"reserve""#,
+            r#""op":"reserve","why":1"#,
+            1
+        )));
         assert!(malformed(r#"{"v":2,"entries":[{"op":"teleport"}]}"#));
-        assert!(malformed(&GOLDEN_V2.replacen("1795341600123456", "9223372036854775807", 1)));
-        assert!(malformed(&GOLDEN_V1.replacen(r#""quantity":2"#, r#""quantity":2,"why":1"#, 1)));
+        assert!(malformed(&GOLDEN_V2.replacen(
+            "1795341600123456",
+            "9223372036854775807",
+            1
+        )));
+        assert!(malformed(&GOLDEN_V1.replacen(
+            r#""quantity":2"#,
+            r#""quantity":2,"why":1"#,
+            1
+        )));
     }
 }
