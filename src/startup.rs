@@ -314,7 +314,7 @@ async fn stop_pipeline(pipeline: &mut Pipeline) {
                 Duration::from_secs(10),
             )
             .await;
-            let _ = conn.close(200, "shutdown".into()).await;
+            rabbit::close(&conn, "shutdown").await;
             drained
         }
         Err(_) => false,
@@ -332,7 +332,7 @@ async fn stop_pipeline(pipeline: &mut Pipeline) {
 /// the topology so the drain below has a queue to read.
 async fn check_broker(settings: &RabbitSettings) -> Result<(), StartupError> {
     let (conn, _) = rabbit::open(settings, "flashsale-startup").await?;
-    let _ = conn.close(200, "checked".into()).await;
+    rabbit::close(&conn, "checked").await;
     Ok(())
 }
 

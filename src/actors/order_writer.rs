@@ -149,6 +149,12 @@ impl OrderWriter {
                 .map_err(|e| e.to_string())?;
             Ok::<_, String>((conn, channel, consumer))
         };
+        let deadline = Duration::from_millis(self.config.rabbit.connect_timeout_ms);
+        let fut = async move {
+            tokio::time::timeout(deadline, fut)
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {} ms", deadline.as_millis())))
+        };
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
             Ok((conn, channel, consumer)) => {
                 act.link = Some((conn, channel));
@@ -235,7 +241,7 @@ impl Handler<StopWriter> for OrderWriter {
                 async move {
                     if let Some((conn, _channel)) = link {
                         // Closing the connection closes its channel.
-                        let _ = conn.close(200, "shutdown".into()).await;
+                        rabbit::close(&conn, "shutdown").await;
                     }
                 }
                 .into_actor(act)
@@ -334,10 +340,13 @@ async fn write_messages(
                     .last_batch_us
                     .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 for (delivery, _) in messages {
-                    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                    let ack = delivery.ack(BasicAckOptions::default());
+                    match tokio::time::timeout(rabbit::CALL_TIMEOUT, ack).await {
+                        Ok(Ok(_)) => {}
                         // Written but not acked: the broker redelivers it and
                         // the idempotent apply changes nothing.
-                        tracing::warn!(error = %e, "ack failed after commit");
+                        Ok(Err(e)) => tracing::warn!(error = %e, "ack failed after commit"),
+                        Err(_) => tracing::warn!("ack not answered in time after commit"),
                     }
                 }
                 stats
@@ -363,8 +372,11 @@ async fn dead_letter(delivery: &Delivery, stats: &WriterStats, e: &ApplyError) {
     tracing::error!(error = %e, bytes = delivery.data.len(), "order-log message dead-lettered");
     stats.dead_letters.fetch_add(1, Ordering::Relaxed);
     stats.set_error(e);
-    if let Err(e) = delivery.reject(BasicRejectOptions { requeue: false }).await {
-        tracing::warn!(error = %e, "reject failed; the message will be redelivered");
+    let reject = delivery.reject(BasicRejectOptions { requeue: false });
+    match tokio::time::timeout(rabbit::CALL_TIMEOUT, reject).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "reject failed; the message will be redelivered"),
+        Err(_) => tracing::warn!("reject not answered in time; the message will be redelivered"),
     }
 }
 
@@ -428,9 +440,7 @@ async fn drain_once(
     let mut client = None;
     let result = async {
         loop {
-            let left = rabbit::queue_depth(&channel, queue)
-                .await
-                .map_err(|e| e.to_string())?;
+            let left = rabbit::queue_depth(&channel, queue).await?;
             progress.left.store(u64::from(left), Ordering::Release);
             let Some(first) = get_one(&channel, queue).await? else {
                 return Ok(());
@@ -449,15 +459,16 @@ async fn drain_once(
         }
     }
     .await;
-    let _ = conn.close(200, "recovery".into()).await;
+    rabbit::close(&conn, "recovery").await;
     result
 }
 
 /// One message from `queue` without a consumer, if it holds any.
 async fn get_one(channel: &Channel, queue: &str) -> Result<Option<Delivery>, String> {
-    let got = channel
-        .basic_get(queue.into(), BasicGetOptions::default())
+    let get = channel.basic_get(queue.into(), BasicGetOptions::default());
+    let got = tokio::time::timeout(rabbit::CALL_TIMEOUT, get)
         .await
+        .map_err(|_| "RabbitMQ did not answer a get in time".to_owned())?
         .map_err(|e| e.to_string())?;
     Ok(got.map(|m| m.delivery))
 }

@@ -89,6 +89,9 @@ pub struct PublisherStats {
     /// Messages ready in the order queue, sampled about once a second.
     pub queue_depth: std::sync::atomic::AtomicU32,
     pub last_error: Mutex<Option<String>>,
+    /// A confirm or a probe went unanswered past its deadline: the link is
+    /// treated as broken and opened again.
+    stalled: AtomicBool,
 }
 
 impl PublisherStats {
@@ -276,13 +279,15 @@ async fn run(
 
     loop {
         let stopping = *stop.borrow();
-        if link
-            .as_ref()
-            .is_none_or(|l| !l.channel.status().connected())
+        let stalled = stats.stalled.swap(false, Ordering::AcqRel);
+        if stalled
+            || link
+                .as_ref()
+                .is_none_or(|l| !l.channel.status().connected())
         {
             stats.connected.store(false, Ordering::Release);
             if let Some(old) = link.take() {
-                let _ = old.conn.close(200, "reconnecting".into()).await;
+                rabbit::close(&old.conn, "reconnecting").await;
             }
             if stopping {
                 break;
@@ -316,8 +321,14 @@ async fn run(
         };
         if depth_sampled.elapsed() >= Duration::from_secs(1) {
             depth_sampled = Instant::now();
-            if let Ok(d) = rabbit::queue_depth(&current.channel, &deps.rabbit.queue).await {
-                stats.queue_depth.store(d, Ordering::Relaxed);
+            match rabbit::queue_depth(&current.channel, &deps.rabbit.queue).await {
+                Ok(d) => stats.queue_depth.store(d, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::warn!(error = %e, "order queue depth unknown; opening the link again");
+                    stats.set_error(&e);
+                    link = None;
+                    continue;
+                }
             }
         }
 
@@ -373,7 +384,7 @@ async fn run(
     }
     stats.connected.store(false, Ordering::Release);
     if let Some(l) = link {
-        let _ = l.conn.close(200, "shutdown".into()).await;
+        rabbit::close(&l.conn, "shutdown").await;
     }
 }
 
@@ -413,8 +424,18 @@ async fn publish(
             let doubtful = doubtful.clone();
             let metrics = deps.metrics.clone();
             let breakers = deps.breakers.clone();
+            let deadline = Duration::from_millis(deps.orders.confirm_timeout_ms.max(1));
             actix::spawn(async move {
-                let outcome = confirm.await;
+                // A broker that takes the message and never answers holds
+                // no batch for ever: past the deadline the batch is in doubt
+                // and the link is opened again.
+                let outcome = match tokio::time::timeout(deadline, confirm).await {
+                    Ok(outcome) => outcome.map_err(|e| e.to_string()),
+                    Err(_) => {
+                        stats.stalled.store(true, Ordering::Release);
+                        Err(format!("no confirm within {} ms", deadline.as_millis()))
+                    }
+                };
                 drop(permit);
                 stats.unconfirmed_batches.fetch_sub(1, Ordering::Relaxed);
                 match outcome {
@@ -435,7 +456,7 @@ async fn publish(
                     other => {
                         let reason = match other {
                             Ok(_) => "negative confirm".to_owned(),
-                            Err(e) => e.to_string(),
+                            Err(e) => e,
                         };
                         tracing::error!(error = %reason, entries = batch.len(), "order-log batch not confirmed; its entries are in doubt");
                         breakers.rabbitmq.record_failure(&reason);

@@ -35,8 +35,25 @@ pub async fn connect(settings: &RabbitSettings, name: &str) -> Result<Connection
 }
 
 /// Connects and opens a channel on which the topology is declared: what every
-/// user of the broker (start-up check, publisher, writers, recovery) starts with.
+/// user of the broker (start-up check, publisher, writers, recovery) starts
+/// with. The whole of it is bounded by `rabbitmq.connect_timeout_ms`.
 pub async fn open(
+    settings: &RabbitSettings,
+    name: &str,
+) -> Result<(Connection, Channel), Unreachable> {
+    let timeout = Duration::from_millis(settings.connect_timeout_ms);
+    match tokio::time::timeout(timeout, open_unbounded(settings, name)).await {
+        Ok(opened) => opened,
+        Err(_) => Err(Unreachable::new(
+            "RabbitMQ",
+            redact_url(settings.url.expose_secret()),
+            "rabbitmq.url",
+            format!("no answer within {} ms", settings.connect_timeout_ms),
+        )),
+    }
+}
+
+async fn open_unbounded(
     settings: &RabbitSettings,
     name: &str,
 ) -> Result<(Connection, Channel), Unreachable> {
@@ -102,14 +119,32 @@ pub async fn declare_topology(channel: &Channel, settings: &RabbitSettings) -> l
     Ok(())
 }
 
-/// Messages ready in a queue (not counting those delivered and not yet acked).
-pub async fn queue_depth(channel: &Channel, queue: &str) -> lapin::Result<u32> {
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions::durable().passive(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(q.message_count())
+/// How long a single call to the broker on an open channel may take (a
+/// queue-depth probe, an ack): a broker that stops answering is a broken
+/// link, never a wait without end.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Closes a connection, waiting for the broker's answer at most
+/// [`CALL_TIMEOUT`] (a stalled broker never answers; the socket is dropped
+/// with the connection anyway).
+pub async fn close(conn: &Connection, reason: &str) {
+    let _ = tokio::time::timeout(CALL_TIMEOUT, conn.close(200, reason.into())).await;
+}
+
+/// Messages ready in a queue (not counting those delivered and not yet
+/// acked), within [`CALL_TIMEOUT`].
+pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, String> {
+    let declared = channel.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::durable().passive(),
+        FieldTable::default(),
+    );
+    match tokio::time::timeout(CALL_TIMEOUT, declared).await {
+        Ok(Ok(q)) => Ok(q.message_count()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "RabbitMQ did not answer within {} ms",
+            CALL_TIMEOUT.as_millis()
+        )),
+    }
 }

@@ -18,12 +18,17 @@ use crate::config::RedisSettings;
 pub struct RedisStore {
     pool: bb8::Pool<RedisConnectionManager>,
     prefix: String,
+    /// How long one command may take (`redis.connect_timeout_ms`): a Redis
+    /// that stops answering must not hold a snapshot forever.
+    deadline: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {
     #[error("no Redis connection available in time")]
     Unavailable,
+    #[error("Redis did not answer in time")]
+    TimedOut,
     #[error("redis error: {0}")]
     Redis(#[from] redis::RedisError),
 }
@@ -53,6 +58,7 @@ impl RedisStore {
         let store = RedisStore {
             pool,
             prefix: settings.key_prefix.clone(),
+            deadline: Duration::from_millis(settings.connect_timeout_ms),
         };
         store.ping().await.map_err(|e| unreachable(&e))?;
         Ok(store)
@@ -69,16 +75,21 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Writes the fields of a hash in one round trip.
+    /// Writes the fields of a hash in one round trip, within the deadline.
     pub async fn write_hash(&self, key: &str, fields: &[(&str, String)]) -> Result<(), RedisError> {
-        let mut conn = self.pool.get().await?;
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(key);
-        for (f, v) in fields {
-            cmd.arg(*f).arg(v);
-        }
-        let _: i64 = cmd.query_async(&mut *conn).await?;
-        Ok(())
+        let write = async {
+            let mut conn = self.pool.get().await?;
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(key);
+            for (f, v) in fields {
+                cmd.arg(*f).arg(v);
+            }
+            let _: i64 = cmd.query_async(&mut *conn).await?;
+            Ok(())
+        };
+        tokio::time::timeout(self.deadline, write)
+            .await
+            .unwrap_or(Err(RedisError::TimedOut))
     }
 
     /// Reads a hash (empty when the key does not exist).

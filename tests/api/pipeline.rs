@@ -48,8 +48,15 @@ async fn malformed_messages_are_dead_lettered_and_writing_goes_on() {
     let sale = app.create_sale(json!({"stock_total": 10})).await;
     let sale_id = sale["id"].as_str().unwrap_or_default();
     let dead = app.settings.rabbitmq.dead_letter_queue.clone();
-    // Broken JSON, an unknown schema version, and an order for a sale that
-    // does not exist (refused by the foreign key, forever).
+    // A buyer's order made with an idempotency key, stored.
+    let (buyer, token) = mint_shopper(&app.settings);
+    let (status, first) = app.purchase(sale_id, &token, None, Some("k")).await;
+    assert_eq!(status, 201, "{first}");
+    let db = db_client(&app.settings).await;
+    wait_for_orders(&db, uuid_of(&sale["id"]), 1).await;
+    // Broken JSON, an unknown schema version, an order for a sale that does
+    // not exist, and a second order (another id) for the same buyer and key,
+    // which the unique index refuses for ever.
     publish_raw(&app.settings, b"{not json").await;
     publish_raw(&app.settings, br#"{"v":99,"entries":[]}"#).await;
     let ghost = json!({"v": 1, "entries": [{"op": "reserve", "order": {
@@ -61,12 +68,28 @@ async fn malformed_messages_are_dead_lettered_and_writing_goes_on() {
         &serde_json::to_vec(&ghost).unwrap_or_default(),
     )
     .await;
+    let second = json!({"v": 2, "entries": [{"op": "reserve", "order": {
+        "id": Uuid::now_v7(), "sale": sale["id"], "user": buyer, "qty": 1, "status": "reserved",
+        "created_us": 1_767_225_600_000_000i64, "expires_us": 1_767_226_200_000_000i64,
+        "paid_us": null, "closed_us": null, "key": "k"}}]});
+    publish_raw(
+        &app.settings,
+        &serde_json::to_vec(&second).unwrap_or_default(),
+    )
+    .await;
 
     assert_eq!(
-        wait_for_depth(&app.settings, &dead, |d| d >= 3).await,
-        3,
-        "all three dead-lettered"
+        wait_for_depth(&app.settings, &dead, |d| d >= 4).await,
+        4,
+        "all four dead-lettered"
     );
+    let admin: Value = app
+        .get("/admin/v1/actors", Some(ADMIN_TOKEN))
+        .await
+        .json()
+        .await
+        .unwrap_or_default();
+    assert_eq!(admin["pipeline"]["writers"]["dead_letters"], 4, "{admin}");
     assert_eq!(
         queue_depth(&app.settings, &app.settings.rabbitmq.queue).await,
         0,
@@ -77,8 +100,7 @@ async fn malformed_messages_are_dead_lettered_and_writing_goes_on() {
     let (_, token) = mint_shopper(&app.settings);
     let (status, order) = app.purchase(sale_id, &token, None, None).await;
     assert_eq!(status, 201);
-    let db = db_client(&app.settings).await;
-    let stored = wait_for_orders(&db, uuid_of(&sale["id"]), 1).await;
+    let stored = wait_for_orders(&db, uuid_of(&sale["id"]), 2).await;
     assert!(stored.contains(&uuid_of(&order["id"])));
     app.teardown().await;
 }
