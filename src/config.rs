@@ -87,6 +87,8 @@ pub struct LimitSettings {
     pub purchases_per_user_burst: u32,
     pub trusted_proxies: Vec<String>,
     pub evict_interval_secs: u64,
+    pub logins_per_ip_per_minute: u32,
+    pub logins_per_username_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -149,6 +151,8 @@ pub struct AuthSettings {
     pub argon2_memory_kib: u32,
     pub argon2_iterations: u32,
     pub argon2_parallelism: u32,
+    pub password_hash_threads: usize,
+    pub password_hash_queue: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -269,6 +273,92 @@ impl Settings {
     }
 }
 
+/// The shortest secret accepted off loopback, in bytes.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// A secret that must not guard a server others can reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeakSecret {
+    /// The key, e.g. `auth.jwt_secret`.
+    pub key: &'static str,
+    pub why: &'static str,
+}
+
+impl Settings {
+    /// The secrets that are empty, shorter than [`MIN_SECRET_BYTES`], or the
+    /// value shipped in `config.toml` (which anyone can read). The webhook
+    /// secret counts only when the webhook provider is on.
+    pub fn weak_secrets(&self) -> Vec<WeakSecret> {
+        use secrecy::ExposeSecret;
+        let shipped = Settings::load_without_env(None, &Overrides::default()).ok();
+        let mut candidates = vec![
+            (
+                "auth.jwt_secret",
+                &self.auth.jwt_secret,
+                shipped.as_ref().map(|s| s.auth.jwt_secret.clone()),
+            ),
+            (
+                "auth.admin_token",
+                &self.auth.admin_token,
+                shipped.as_ref().map(|s| s.auth.admin_token.clone()),
+            ),
+        ];
+        if self.payments.provider == PaymentProviderKind::Webhook {
+            candidates.push((
+                "payments.webhook_secret",
+                &self.payments.webhook_secret,
+                shipped.as_ref().map(|s| s.payments.webhook_secret.clone()),
+            ));
+        }
+        candidates
+            .into_iter()
+            .filter_map(|(key, value, shipped)| {
+                let value = value.expose_secret();
+                let why = if value.is_empty() {
+                    "is empty"
+                } else if shipped.is_some_and(|s| s.expose_secret() == value) {
+                    "is the value shipped in config.toml"
+                } else if value.len() < MIN_SECRET_BYTES {
+                    "is shorter than 32 bytes"
+                } else {
+                    return None;
+                };
+                Some(WeakSecret { key, why })
+            })
+            .collect()
+    }
+
+    /// Whether the server listens on the loopback interface only.
+    pub fn loopback_only(&self) -> bool {
+        let host = self
+            .server
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// Fresh random values for every secret, as environment lines a deployment
+/// can keep (`flashsale secrets`).
+pub fn fresh_secrets() -> String {
+    use rand::RngCore;
+    let line = |key: &str| {
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        format!("{ENV_PREFIX}__{key}={}\n", hex::encode(bytes))
+    };
+    [
+        line("AUTH__JWT_SECRET"),
+        line("AUTH__ADMIN_TOKEN"),
+        line("PAYMENTS__WEBHOOK_SECRET"),
+    ]
+    .concat()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +381,49 @@ mod tests {
         let printed = format!("{settings:?}");
         assert!(!printed.contains("change-me-admin-token"), "{printed}");
         assert!(!printed.contains("guest:guest"), "{printed}");
+    }
+
+    #[test]
+    fn shipped_empty_and_short_secrets_are_weak() {
+        let mut s = Settings::load_without_env(None, &Overrides::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let keys = |s: &Settings| {
+            s.weak_secrets()
+                .into_iter()
+                .map(|w| w.key)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&s), ["auth.jwt_secret", "auth.admin_token"]);
+        assert!(s.loopback_only());
+        s.payments.provider = PaymentProviderKind::Webhook;
+        assert_eq!(keys(&s).len(), 3);
+        s.auth.jwt_secret = SecretString::from("");
+        assert_eq!(s.weak_secrets()[0].why, "is empty");
+        s.auth.jwt_secret = SecretString::from("short");
+        assert_eq!(s.weak_secrets()[0].why, "is shorter than 32 bytes");
+        for line in fresh_secrets().lines() {
+            let (key, value) = line.split_once('=').unwrap_or_default();
+            assert!(key.starts_with("FLASHSALE__"), "{line}");
+            assert_eq!(value.len(), 64, "{line}");
+        }
+        let fresh = |k: &str| {
+            fresh_secrets()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(k)
+                        .map(|v| v.trim_start_matches('=').to_owned())
+                })
+                .map(SecretString::from)
+                .unwrap_or_else(|| panic!("{k}"))
+        };
+        s.auth.jwt_secret = fresh("FLASHSALE__AUTH__JWT_SECRET");
+        s.auth.admin_token = fresh("FLASHSALE__AUTH__ADMIN_TOKEN");
+        s.payments.webhook_secret = fresh("FLASHSALE__PAYMENTS__WEBHOOK_SECRET");
+        assert_eq!(keys(&s), Vec::<&str>::new());
+        s.server.host = "0.0.0.0".into();
+        assert!(!s.loopback_only());
+        s.server.host = "::1".into();
+        assert!(s.loopback_only());
     }
 
     #[test]

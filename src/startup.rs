@@ -22,7 +22,7 @@ use crate::actors::order_writer::{
 };
 use crate::actors::registry::SaleRegistry;
 use crate::actors::stock::{Reopen, StockActor, StockDeps};
-use crate::auth::{AdminToken, Passwords, TokenKeys};
+use crate::auth::{AdminToken, PasswordPool, Passwords, TokenKeys};
 use crate::breaker::Breakers;
 use crate::config::{RabbitSettings, Settings};
 use crate::domain::order::Order;
@@ -95,6 +95,7 @@ impl Application {
     ///
     /// Returns once ready, so tests and the binary get a serving application.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        check_secrets(&settings)?;
         let db = Database::connect(&settings.database).await?;
         let redis = RedisStore::connect(&settings.redis).await?;
         check_broker(&settings.rabbitmq).await?;
@@ -152,6 +153,12 @@ impl Application {
         }));
         let passwords = Passwords::new(&settings.auth)
             .map_err(|e| StartupError::Config(format!("auth.argon2_*: {e}")))?;
+        let passwords = PasswordPool::start(
+            passwords,
+            settings.auth.password_hash_threads,
+            settings.auth.password_hash_queue,
+        )
+        .map_err(|e| StartupError::Config(format!("cannot start the password hashers: {e}")))?;
         let state = web::Data::new(AppState {
             db: db.clone(),
             redis,
@@ -170,6 +177,8 @@ impl Application {
             breakers,
             max_queue_depth: settings.orders.max_queue_depth,
             max_header_bytes: settings.server.max_header_bytes,
+            max_body_bytes: settings.server.max_body_bytes,
+            body_timeout: Duration::from_millis(settings.server.client_request_timeout_ms),
             writer_pool_size: settings.orders.writers,
             webhook: crate::payments::WebhookVerifier::new(&settings.payments),
             recovered: AtomicBool::new(false),
@@ -328,6 +337,35 @@ async fn stop_pipeline(pipeline: &mut Pipeline) {
     }
 }
 
+/// Refuses to serve beyond this machine with a secret anyone could know;
+/// on loopback only, warns once for each.
+fn check_secrets(settings: &Settings) -> Result<(), StartupError> {
+    let weak = settings.weak_secrets();
+    if weak.is_empty() {
+        return Ok(());
+    }
+    let named = weak
+        .iter()
+        .map(|w| format!("{} {}", w.key, w.why))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if !settings.loopback_only() {
+        return Err(StartupError::Config(format!(
+            "refusing to listen on {} with weak secrets: {named}. `flashsale secrets` prints fresh values",
+            settings.server.host
+        )));
+    }
+    for w in &weak {
+        tracing::warn!(
+            key = w.key,
+            "{} {}: fine on loopback, refused on any other address (`flashsale secrets` prints fresh values)",
+            w.key,
+            w.why
+        );
+    }
+    Ok(())
+}
+
 /// Fails start-up clearly when the broker cannot be reached, and declares
 /// the topology so the drain below has a queue to read.
 async fn check_broker(settings: &RabbitSettings) -> Result<(), StartupError> {
@@ -352,12 +390,13 @@ fn serve(settings: &Settings, state: web::Data<AppState>) -> Result<(Server, u16
     };
     let limit = BodyLimit(server_settings.max_body_bytes);
     let token_cache = settings.auth.token_cache_per_worker;
+    let webhook = settings.payments.provider == crate::config::PaymentProviderKind::Webhook;
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .app_data(limit)
             .app_data(http::auth::TokenCache::new(token_cache))
-            .configure(http::routes)
+            .configure(|cfg| http::routes(cfg, webhook))
             .wrap_fn(http::edge_guard)
             .wrap_fn(http::request_context)
     })

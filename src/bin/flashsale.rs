@@ -30,6 +30,8 @@ enum Command {
     Serve,
     /// Create the database if configured to, apply migrations, and exit.
     Migrate,
+    /// Print fresh random values for every secret, as environment lines.
+    Secrets,
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,10 @@ fn main() -> ExitCode {
     let system = actix_web::rt::System::new();
     let code = system.block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
+            Command::Secrets => {
+                print!("{}", flashsale::config::fresh_secrets());
+                ExitCode::SUCCESS
+            }
             Command::Migrate => match startup::migrate(&settings).await {
                 Ok(()) => {
                     tracing::info!("migrations applied");

@@ -8,6 +8,10 @@ use uuid::Uuid;
 
 use super::ValidationError;
 
+/// Sale windows lie between 2000-01-01 and 9999-12-31 (Unix seconds):
+/// far wider than any sale, and inside what PostgreSQL and clients store.
+const EARLIEST: i64 = 946_684_800;
+const LATEST: i64 = 253_402_300_799;
 pub const MAX_STOCK: i64 = 10_000_000;
 pub const MAX_NAME_CHARS: usize = 200;
 pub const MAX_DESCRIPTION_CHARS: usize = 4_000;
@@ -105,6 +109,18 @@ impl SaleSpec {
                 format!("must be at most {MAX_DESCRIPTION_CHARS} characters"),
             ));
         }
+        // Line breaks and tabs are text; other control characters (NUL
+        // above all, which PostgreSQL cannot store) are not.
+        if self
+            .description
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+        {
+            return Err(ValidationError::new(
+                "description",
+                "must not hold control characters other than line breaks and tabs",
+            ));
+        }
         if !(0..=MAX_PRICE_CENTS).contains(&self.price_cents) {
             return Err(ValidationError::new(
                 "price_cents",
@@ -128,6 +144,14 @@ impl SaleSpec {
                 "per_user_limit",
                 "must be from 1 to stock_total",
             ));
+        }
+        for (field, at) in [("starts_at", self.starts_at), ("ends_at", self.ends_at)] {
+            if !(EARLIEST..=LATEST).contains(&at.timestamp()) {
+                return Err(ValidationError::new(
+                    field,
+                    "must be between 2000-01-01 and 9999-12-31 (UTC)",
+                ));
+            }
         }
         if self.ends_at <= self.starts_at {
             return Err(ValidationError::new("ends_at", "must be after starts_at"));

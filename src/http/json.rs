@@ -63,6 +63,24 @@ pub(crate) async fn read_body(
     Ok(body)
 }
 
+/// Reads and drops what is left of a body a refusal did not need, up to
+/// `limit` bytes and for at most `within`: actix closes a connection whose
+/// request body was left unread, so without this every refused request
+/// (429, 401, ...) would cost its client a new TCP connection. A body past
+/// the limit, or slower than `within`, is left: that connection closes.
+pub(crate) async fn discard_body(payload: &mut Payload, limit: usize, within: std::time::Duration) {
+    let drain = async {
+        let mut seen = 0usize;
+        while let Some(Ok(chunk)) = payload.next().await {
+            seen += chunk.len();
+            if seen > limit {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, drain).await;
+}
+
 /// Parses `body`, mapping every failure to the answer a client can act on.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);

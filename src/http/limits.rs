@@ -23,6 +23,10 @@ use crate::config::LimitSettings;
 pub struct RateLimits {
     per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
     per_user: Option<DefaultKeyedRateLimiter<Uuid>>,
+    /// Password work (logins, sign-ups) per client IP.
+    logins_per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Logins per username, from anywhere.
+    logins_per_username: Option<DefaultKeyedRateLimiter<String>>,
     trusted_proxies: Vec<IpAddr>,
     clock: DefaultClock,
 }
@@ -31,6 +35,12 @@ fn quota(per_second: u32, burst: u32) -> Option<Quota> {
     let rate = NonZeroU32::new(per_second)?;
     let burst = NonZeroU32::new(burst.max(1))?;
     Some(Quota::per_second(rate).allow_burst(burst))
+}
+
+/// `per_minute` spread over the minute, all of it available at once.
+fn quota_per_minute(per_minute: u32) -> Option<Quota> {
+    let rate = NonZeroU32::new(per_minute)?;
+    Some(Quota::per_minute(rate).allow_burst(rate))
 }
 
 impl RateLimits {
@@ -51,6 +61,10 @@ impl RateLimits {
                 settings.purchases_per_user_burst,
             )
             .map(RateLimiter::dashmap),
+            logins_per_ip: quota_per_minute(settings.logins_per_ip_per_minute)
+                .map(RateLimiter::dashmap),
+            logins_per_username: quota_per_minute(settings.logins_per_username_per_minute)
+                .map(RateLimiter::dashmap),
             trusted_proxies,
             clock: DefaultClock::default(),
         })
@@ -70,6 +84,19 @@ impl RateLimits {
             Some(l) => l.check_key(&user).map_err(|n| self.retry_after(&n)),
             None => Ok(()),
         }
+    }
+
+    /// `Err(seconds to wait)` when a login or sign-up from `ip` for
+    /// `username` is over a quota. The username is counted only for logins.
+    pub fn check_login(&self, ip: Option<IpAddr>, username: Option<&str>) -> Result<(), u32> {
+        if let (Some(l), Some(ip)) = (&self.logins_per_ip, ip) {
+            l.check_key(&ip).map_err(|n| self.retry_after(&n))?;
+        }
+        if let (Some(l), Some(name)) = (&self.logins_per_username, username) {
+            l.check_key(&name.to_owned())
+                .map_err(|n| self.retry_after(&n))?;
+        }
+        Ok(())
     }
 
     fn retry_after(&self, not_until: &governor::NotUntil<governor::clock::QuantaInstant>) -> u32 {
@@ -109,6 +136,14 @@ impl RateLimits {
             l.shrink_to_fit();
             l.len()
         });
+        if let Some(l) = &self.logins_per_ip {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+        if let Some(l) = &self.logins_per_username {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
         (ip, user)
     }
 }
@@ -125,6 +160,8 @@ mod tests {
             purchases_per_user_burst: 2,
             trusted_proxies: trusted.iter().map(|s| s.to_string()).collect(),
             evict_interval_secs: 60,
+            logins_per_ip_per_minute: 3,
+            logins_per_username_per_minute: 2,
         })
         .unwrap_or_else(|e| panic!("{e}"))
     }
@@ -144,6 +181,27 @@ mod tests {
         assert_eq!(l.check_user(u), Ok(()));
         assert!(l.check_user(u).is_err());
         assert_eq!(l.check_user(Uuid::new_v4()), Ok(()));
+    }
+
+    #[test]
+    fn logins_are_limited_per_ip_and_per_username() {
+        let l = limits(0, &[]);
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        assert_eq!(l.check_login(Some(a), Some("alice")), Ok(()));
+        assert_eq!(l.check_login(Some(b), Some("alice")), Ok(()));
+        // A third try on one name, from a third address: refused.
+        assert!(l
+            .check_login(Some([10, 0, 0, 3].into()), Some("alice"))
+            .is_err());
+        // Sign-ups count per address only.
+        assert_eq!(l.check_login(Some(a), None), Ok(()));
+        assert_eq!(l.check_login(Some(a), Some("carol")), Ok(()));
+        assert!(
+            l.check_login(Some(a), Some("bob")).is_err(),
+            "fourth from one address"
+        );
+        assert_eq!(l.check_login(Some(b), Some("bob")), Ok(()));
     }
 
     #[test]

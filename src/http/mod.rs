@@ -30,7 +30,7 @@ use self::error::ApiError;
 use crate::actors::order_writer::WriterStats;
 use crate::actors::registry::SaleRegistry;
 use crate::actors::stock::StockDeps;
-use crate::auth::{AdminToken, Passwords, TokenKeys};
+use crate::auth::{AdminToken, PasswordPool, TokenKeys};
 use crate::config::SalesSettings;
 use crate::metrics::{route_label, HttpLabels, Metrics, RouteLabels};
 use crate::payments::{PaymentProvider, WebhookVerifier};
@@ -48,7 +48,7 @@ pub struct AppState {
     pub publisher: OrderPublisher,
     pub writers: Arc<WriterStats>,
     pub tokens: TokenKeys,
-    pub passwords: Passwords,
+    pub passwords: PasswordPool,
     pub admin_token: AdminToken,
     pub sales_defaults: SalesSettings,
     pub payments: Box<dyn PaymentProvider>,
@@ -60,6 +60,10 @@ pub struct AppState {
     /// purchases are refused before any work.
     pub max_queue_depth: u32,
     pub max_header_bytes: usize,
+    /// Largest body read (`server.max_body_bytes`), and how long a refused
+    /// request's body may take to arrive (`server.client_request_timeout_ms`).
+    pub max_body_bytes: usize,
+    pub body_timeout: Duration,
     /// Read by `/metrics`; nothing registers after start-up.
     pub metrics_registry: prometheus_client::registry::Registry,
     pub writer_pool_size: usize,
@@ -131,6 +135,11 @@ impl AppState {
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The client's address as the edge worked it out (the peer, or what a
+/// trusted proxy forwarded), for the limits handlers apply.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub std::net::IpAddr);
+
 /// The request id: the client's when it sent a sane one, else a fresh one.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
@@ -180,6 +189,7 @@ where
         let ip = state
             .limits
             .client_ip(req.peer_addr().map(|a| a.ip()), forwarded)?;
+        req.extensions_mut().insert(ClientIp(ip));
         state
             .limits
             .check_ip(ip)
@@ -188,10 +198,18 @@ where
     })();
     match limited {
         Some(refusal) => {
-            let res = actix_web::ResponseError::error_response(&refusal);
-            Box::pin(std::future::ready(Ok(req
-                .into_response(res)
-                .map_into_right_body())))
+            // The body is read and dropped so the connection stays open: a
+            // refusal must cost the server less than serving, and the
+            // client no new connection.
+            let (limit, within) = req
+                .app_data::<web::Data<AppState>>()
+                .map_or((0, Duration::ZERO), |s| (s.max_body_bytes, s.body_timeout));
+            let (http_req, mut payload) = req.into_parts();
+            Box::pin(async move {
+                json::discard_body(&mut payload, limit, within).await;
+                let res = actix_web::ResponseError::error_response(&refusal);
+                Ok(ServiceResponse::new(http_req, res).map_into_right_body())
+            })
         }
         None => {
             let fut = srv.call(req);
@@ -305,12 +323,15 @@ async fn sale_routes(
             sales::get_public(&state, id).await
         }
         (Some("purchases"), None) if req.method() == actix_web::http::Method::POST => {
+            let mut payload = payload.into_inner();
             let result = match <auth::Shopper as actix_web::FromRequest>::extract(&req).await {
-                Ok(shopper) => {
-                    purchases::purchase(shopper, &state, id, &req, payload.into_inner()).await
-                }
+                Ok(shopper) => purchases::purchase(shopper, &state, id, &req, &mut payload).await,
                 Err(e) => Err(e),
             };
+            // A refusal before the body was read (401, 429, 404...) reads it
+            // now, so that the client's connection stays open; after a full
+            // read this finds the end at once.
+            json::discard_body(&mut payload, state.max_body_bytes, state.body_timeout).await;
             let outcome = match &result {
                 Ok(r) if r.status() == actix_web::http::StatusCode::CREATED => "created",
                 Ok(_) => "replayed",
@@ -329,27 +350,29 @@ async fn sale_routes(
     }
 }
 
-/// Every route of the server.
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// Every route of the server. The payment webhook exists only with the
+/// webhook provider: with the simulated one nobody may call it.
+pub fn routes(cfg: &mut web::ServiceConfig, webhook: bool) {
+    let mut api = web::scope("/api/v1")
+        .service(resource("/users").route(web::post().to(users::register)))
+        .service(resource("/sessions").route(web::post().to(users::login)))
+        .service(
+            web::scope("/sales")
+                .service(resource("").route(web::get().to(sales::list_public)))
+                .default_service(web::to(sale_routes)),
+        )
+        .service(resource("/orders").route(web::get().to(purchases::list_orders)))
+        .service(resource("/orders/{id}").route(web::get().to(purchases::get_order)))
+        .service(resource("/orders/{id}/payment").route(web::post().to(purchases::pay)))
+        .service(resource("/orders/{id}/cancel").route(web::post().to(purchases::cancel)));
+    if webhook {
+        api = api.service(resource("/payments/webhook").route(web::post().to(payments::webhook)));
+    }
     cfg.service(resource("/healthz").route(web::get().to(health::healthz)))
         .service(resource("/metrics").route(web::get().to(admin::metrics)))
         .service(resource("/readyz").route(web::get().to(health::readyz)))
         .service(resource("/openapi.json").route(web::get().to(health::openapi)))
-        .service(
-            web::scope("/api/v1")
-                .service(resource("/users").route(web::post().to(users::register)))
-                .service(resource("/sessions").route(web::post().to(users::login)))
-                .service(
-                    web::scope("/sales")
-                        .service(resource("").route(web::get().to(sales::list_public)))
-                        .default_service(web::to(sale_routes)),
-                )
-                .service(resource("/orders").route(web::get().to(purchases::list_orders)))
-                .service(resource("/orders/{id}").route(web::get().to(purchases::get_order)))
-                .service(resource("/orders/{id}/payment").route(web::post().to(purchases::pay)))
-                .service(resource("/orders/{id}/cancel").route(web::post().to(purchases::cancel)))
-                .service(resource("/payments/webhook").route(web::post().to(payments::webhook))),
-        )
+        .service(api)
         .service(
             web::scope("/admin/v1")
                 .service(

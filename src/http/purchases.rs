@@ -101,7 +101,7 @@ pub async fn purchase(
     state: &AppState,
     raw_id: &str,
     req: &HttpRequest,
-    mut payload: Payload,
+    payload: &mut Payload,
 ) -> Result<HttpResponse, ApiError> {
     let sale = sale_id(raw_id)?;
     state
@@ -109,7 +109,7 @@ pub async fn purchase(
         .check_user(shopper.user_id)
         .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
     let key = idempotency_key(req)?;
-    let quantity = quantity(req, &mut payload).await?;
+    let quantity = quantity(req, payload).await?;
     let handle = state.registry.get(sale).ok_or(ApiError::SaleNotFound)?;
     if let Some(r) = handle.shared.quick_rejection(Utc::now(), key.is_some()) {
         return Err(ApiError::Rejected(r));

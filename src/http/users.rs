@@ -1,6 +1,6 @@
 //! Shopper accounts and sessions: register, then log in for a bearer token.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use super::error::{ApiError, Problem};
 use super::json::ApiJson;
-use super::AppState;
+use super::{AppState, ClientIp};
+use crate::auth::PasswordBusy;
 use crate::domain::user::{validate_password, validate_username};
 use crate::persistence::postgres::StoreError;
 
@@ -31,23 +32,56 @@ pub struct SessionView {
     pub expires_at: DateTime<Utc>,
 }
 
+impl ApiError {
+    fn from_busy(busy: PasswordBusy, retry_after_secs: u32) -> Self {
+        match busy {
+            PasswordBusy::Full => ApiError::Overloaded { retry_after_secs },
+            PasswordBusy::Stopped => ApiError::Unavailable {
+                reason: "the server is shutting down",
+                retry_after_secs,
+            },
+        }
+    }
+}
+
+/// Password work from this address (and, for a login, on this username)
+/// within its quota.
+fn check_login_quota(
+    state: &AppState,
+    req: &HttpRequest,
+    username: Option<&str>,
+) -> Result<(), ApiError> {
+    let ip = req.extensions().get::<ClientIp>().map(|c| c.0);
+    state
+        .limits
+        .check_login(ip, username)
+        .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })
+}
+
 #[utoipa::path(post, path = "/api/v1/users", tag = "shoppers", request_body = Credentials,
     responses((status = 201, body = UserView),
         (status = 409, description = "username_taken", body = Problem),
-        (status = 422, description = "invalid_input", body = Problem)))]
+        (status = 422, description = "invalid_input", body = Problem),
+        (status = 429, description = "rate_limited", body = Problem),
+        (status = 503, description = "overloaded: every password hasher is busy", body = Problem)))]
 pub async fn register(
     state: web::Data<AppState>,
+    req: HttpRequest,
     body: ApiJson<Credentials>,
 ) -> Result<HttpResponse, ApiError> {
     let Credentials { username, password } = body.0;
     validate_username(&username)?;
     validate_password(&password)?;
-    let state2 = state.clone();
-    // Hashing is deliberately slow: keep it off the HTTP worker's event loop.
-    let hash = web::block(move || state2.passwords.hash(&password))
+    check_login_quota(&state, &req, None)?;
+    // A taken name costs no hash (the unique index still decides a race).
+    if state.db.user_credentials(&username).await?.is_some() {
+        return Err(ApiError::UsernameTaken);
+    }
+    let hash = state
+        .passwords
+        .hash(password)
         .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| ApiError::internal(anyhow::anyhow!("hashing failed: {e}")))?;
+        .map_err(|b| ApiError::from_busy(b, state.retry_after_secs))?;
     let id = Uuid::new_v4();
     match state.db.insert_user(id, &username, &hash).await {
         Ok(()) => Ok(HttpResponse::Created().json(UserView { id, username })),
@@ -58,20 +92,30 @@ pub async fn register(
 
 #[utoipa::path(post, path = "/api/v1/sessions", tag = "shoppers", request_body = Credentials,
     responses((status = 200, body = SessionView),
-        (status = 401, description = "invalid_credentials", body = Problem)))]
+        (status = 401, description = "invalid_credentials", body = Problem),
+        (status = 429, description = "rate_limited", body = Problem),
+        (status = 503, description = "overloaded: every password hasher is busy", body = Problem)))]
 pub async fn login(
     state: web::Data<AppState>,
+    req: HttpRequest,
     body: ApiJson<Credentials>,
 ) -> Result<HttpResponse, ApiError> {
     let Credentials { username, password } = body.0;
+    // A name or a password no account can have is refused as invalid input,
+    // without a hash or a query (the rules are public: nothing to learn).
+    validate_username(&username)?;
+    validate_password(&password)?;
+    check_login_quota(&state, &req, Some(&username))?;
     let found = state.db.user_credentials(&username).await?;
-    let state2 = state.clone();
-    let (user_id, ok) = web::block(move || match found {
-        Some((id, hash)) => (Some(id), state2.passwords.verify(&password, Some(&hash))),
-        None => (None, state2.passwords.verify(&password, None)),
-    })
-    .await
-    .map_err(ApiError::internal)?;
+    let (user_id, hash) = match found {
+        Some((id, hash)) => (Some(id), Some(hash)),
+        None => (None, None),
+    };
+    let ok = state
+        .passwords
+        .verify(password, hash)
+        .await
+        .map_err(|b| ApiError::from_busy(b, state.retry_after_secs))?;
     let user_id = match (user_id, ok) {
         (Some(id), true) => id,
         _ => return Err(ApiError::InvalidCredentials),

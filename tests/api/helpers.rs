@@ -58,6 +58,8 @@ pub fn test_settings() -> Settings {
     // protection tests turn these back on.
     s.limits.per_ip_per_second = 0;
     s.limits.purchases_per_user_per_second = 0;
+    s.limits.logins_per_ip_per_minute = 0;
+    s.limits.logins_per_username_per_minute = 0;
     s
 }
 
@@ -456,6 +458,7 @@ pub fn server_command(settings: &Settings, port: u16) -> std::process::Command {
         .env("FLASHSALE__TELEMETRY__LOG_FILTER", "warn")
         .env("FLASHSALE__LIMITS__PER_IP_PER_SECOND", "0")
         .env("FLASHSALE__LIMITS__PURCHASES_PER_USER_PER_SECOND", "0")
+        .env("FLASHSALE__LIMITS__LOGINS_PER_IP_PER_MINUTE", "0")
         .env_remove("RUST_LOG");
     cmd
 }
