@@ -7,6 +7,7 @@ mod admin_sales;
 mod config;
 mod crash;
 mod faults;
+mod hostile;
 mod http_conventions;
 mod lifecycle;
 mod observability;
