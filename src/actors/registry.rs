@@ -138,14 +138,10 @@ impl SaleShared {
         }
     }
 
-    /// A "no" that needs no actor, if the hints already say so. A purchase
-    /// with an idempotency key always goes to the actor: the key may name an
-    /// order the buyer already has, which is answered whatever the sale's
-    /// state is now, and only the actor knows.
-    pub fn quick_rejection(&self, now: DateTime<Utc>, has_key: bool) -> Option<Rejection> {
-        if has_key {
-            return None;
-        }
+    /// A "no" that needs no actor, if the hints already say so. The caller
+    /// does not ask for a purchase whose idempotency key names an order the
+    /// buyer already has: that is answered whatever the sale's state is now.
+    pub fn quick_rejection(&self, now: DateTime<Utc>) -> Option<Rejection> {
         let now_ms = now.timestamp_millis();
         if now_ms < self.starts_at_ms.load(Ordering::Acquire) {
             Some(Rejection::NotStarted)
@@ -237,6 +233,85 @@ impl OrderDirectory {
     }
 }
 
+/// What an idempotency key was first used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyUse {
+    pub sale: Uuid,
+    pub quantity: u32,
+}
+
+/// How a purchase's key stands against the keys already used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// Never used by this buyer.
+    New,
+    /// Used for this very purchase (a replay, or one on its way).
+    Same,
+    /// Used for another sale or quantity: 422 `idempotency_key_reused`.
+    Reused,
+}
+
+/// Every (buyer, idempotency key) with an order, or a purchase on its way to
+/// a stock actor, across all sales. A key names one purchase: reusing it on
+/// another sale or for another quantity is refused (as payment APIs do), and
+/// a key never seen on a sale the hints call sold out is answered without
+/// the actor. The HTTP layer claims a key before handing the purchase over;
+/// the sale's actor keeps the claim while the book holds an order for it and
+/// drops it otherwise, so the index holds what the books hold, plus what is
+/// in flight.
+#[derive(Default)]
+pub struct KeyIndex {
+    uses: DashMap<(Uuid, Box<str>), KeyUse>,
+}
+
+impl KeyIndex {
+    fn compare(found: KeyUse, wanted: KeyUse) -> KeyCheck {
+        if found == wanted {
+            KeyCheck::Same
+        } else {
+            KeyCheck::Reused
+        }
+    }
+
+    /// How `key` of `user` stands, without claiming it.
+    pub fn check(&self, user: Uuid, key: &str, wanted: KeyUse) -> KeyCheck {
+        match self.uses.get(&(user, Box::from(key))) {
+            Some(found) => Self::compare(*found, wanted),
+            None => KeyCheck::New,
+        }
+    }
+
+    /// Claims `key` for `wanted` if nobody has; how it stood before.
+    pub fn claim(&self, user: Uuid, key: &str, wanted: KeyUse) -> KeyCheck {
+        match self.uses.entry((user, Box::from(key))) {
+            dashmap::Entry::Occupied(found) => Self::compare(*found.get(), wanted),
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(wanted);
+                KeyCheck::New
+            }
+        }
+    }
+
+    /// Records the key of an order a book holds (recovery, a new order).
+    pub fn record(&self, user: Uuid, key: &str, used: KeyUse) {
+        self.uses.insert((user, Box::from(key)), used);
+    }
+
+    /// Drops a claim of `sale` that made no order.
+    pub fn release(&self, user: Uuid, key: &str, sale: Uuid) {
+        self.uses
+            .remove_if(&(user, Box::from(key)), |_, used| used.sale == sale);
+    }
+
+    pub fn len(&self) -> usize {
+        self.uses.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.uses.is_empty()
+    }
+}
+
 /// Every sale this process runs, and the order directory.
 /// Sales by id. Handles are shared (`Arc`): looking one up for a request
 /// costs a reference count, not a new actor address.
@@ -244,6 +319,7 @@ impl OrderDirectory {
 pub struct SaleRegistry {
     sales: DashMap<Uuid, Arc<SaleHandle>>,
     pub orders: OrderDirectory,
+    pub keys: KeyIndex,
 }
 
 impl SaleRegistry {

@@ -25,7 +25,7 @@ use chrono::Utc;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::registry::{SaleHandle, SaleRegistry, SaleShared};
+use super::registry::{KeyUse, SaleHandle, SaleRegistry, SaleShared};
 use crate::domain::order::Order;
 use crate::domain::sale::{PatchError, Sale, SalePatch, TransitionError};
 use crate::domain::sale_book::{
@@ -190,6 +190,7 @@ impl StockActor {
     pub fn launch(book: SaleBook, deps: &StockDeps, open: bool) -> Arc<SaleHandle> {
         let shared = Arc::new(SaleShared::new(&book, deps.mailbox_capacity));
         let sale_id = book.sale().id;
+        record_keys(&book, &deps.registry);
         let (actor_shared, owned) = (shared.clone(), deps.clone());
         let addr = StockActor::start_in_arbiter(&deps.arbiter, move |ctx| {
             ctx.set_mailbox_capacity(owned.mailbox_capacity);
@@ -362,8 +363,18 @@ impl Handler<Reserve> for StockActor {
             reply,
             span,
         } = msg;
+        let sale_id = self.book.sale().id;
+        // Who claimed this key in the registry's index, for when no order
+        // comes of it.
+        let claim = idempotency_key.clone();
+        let release_claim = |registry: &SaleRegistry| {
+            if let Some(k) = &claim {
+                registry.keys.release(user_id, k, sale_id);
+            }
+        };
         let _span = tracing::debug_span!(parent: &span, "stock_actor", op = "reserve").entered();
         if !self.open {
+            release_claim(&self.registry);
             let _ = reply.send(PurchaseReply::Unavailable);
             return;
         }
@@ -371,7 +382,11 @@ impl Handler<Reserve> for StockActor {
             .book
             .reserve(user_id, quantity, idempotency_key, Utc::now())
         {
+            Err(Rejection::KeyReused) => {
+                let _ = reply.send(PurchaseReply::Rejected(Rejection::KeyReused));
+            }
             Err(r) => {
+                release_claim(&self.registry);
                 let _ = reply.send(PurchaseReply::Rejected(r));
             }
             Ok(Reserved::Replay(order, Durability::Durable)) => {
@@ -391,6 +406,13 @@ impl Handler<Reserve> for StockActor {
             }
             Ok(Reserved::New(order)) => {
                 let id = order.id;
+                if let Some(k) = &order.idempotency_key {
+                    let used = KeyUse {
+                        sale: sale_id,
+                        quantity,
+                    };
+                    self.registry.keys.record(user_id, k, used);
+                }
                 match self.publish(LogEntry::Reserve { order }) {
                     Ok(()) => {
                         self.waiters.entry(id).or_default().push(Waiter::Purchase {
@@ -401,6 +423,7 @@ impl Handler<Reserve> for StockActor {
                     Err(refused) => {
                         // Never handed over: as if it had never been made.
                         self.book.release(id);
+                        release_claim(&self.registry);
                         let _ = reply.send(match refused {
                             PublishRefused::Full => PurchaseReply::Overloaded,
                             PublishRefused::Down => PurchaseReply::Unavailable,
@@ -501,7 +524,16 @@ impl Handler<Settled> for StockActor {
         }
         for id in msg.released {
             self.answer(id, Outcome::Unavailable);
-            self.book.release(id);
+            if let Some(Order {
+                user_id,
+                idempotency_key: Some(key),
+                ..
+            }) = self.book.release(id)
+            {
+                self.registry
+                    .keys
+                    .release(user_id, &key, self.book.sale().id);
+            }
         }
         self.changed();
     }
@@ -567,10 +599,19 @@ impl Handler<Reopen> for StockActor {
     fn handle(&mut self, msg: Reopen, ctx: &mut Self::Context) {
         if let Some(orders) = msg.orders {
             self.book = SaleBook::restore(self.book.sale().clone(), orders);
+            record_keys(&self.book, &self.registry);
         }
         self.open = true;
         self.changed();
         self.expire_due();
         self.snapshot(ctx);
+    }
+}
+
+/// Puts the idempotency keys of a book's orders in the registry's index.
+fn record_keys(book: &SaleBook, registry: &SaleRegistry) {
+    let sale = book.sale().id;
+    for (user, key, quantity) in book.keyed_orders() {
+        registry.keys.record(user, key, KeyUse { sale, quantity });
     }
 }

@@ -37,6 +37,8 @@ pub enum Rejection {
         held: u32,
         limit: u32,
     },
+    /// The idempotency key made an order of another quantity (HTTP 422).
+    KeyReused,
 }
 
 /// Why a payment or a cancellation was refused.
@@ -254,6 +256,9 @@ impl SaleBook {
         if let Some(key) = &idempotency_key {
             if let Some(id) = self.keys.get(&(user_id, key.clone())) {
                 if let Some(e) = self.orders.get(id) {
+                    if e.order.quantity != quantity {
+                        return Err(Rejection::KeyReused);
+                    }
                     return Ok(Reserved::Replay(e.order.clone(), e.durability));
                 }
             }
@@ -432,6 +437,16 @@ impl SaleBook {
         self.version += 1;
     }
 
+    /// (buyer, key, quantity) of every order made with an idempotency key.
+    pub fn keyed_orders(&self) -> impl Iterator<Item = (Uuid, &str, u32)> {
+        self.orders.values().filter_map(|e| {
+            let o = &e.order;
+            o.idempotency_key
+                .as_deref()
+                .map(|k| (o.user_id, k, o.quantity))
+        })
+    }
+
     /// Reservations waiting for their deadline (for status pages).
     pub fn pending_deadlines(&self) -> usize {
         self.deadlines.len()
@@ -574,6 +589,13 @@ mod tests {
             book.reserve(u, 1, Some("k2".into()), now),
             Err(Rejection::LimitReached { held: 1, limit: 1 })
         );
+        // Same user and key, another quantity: not the same purchase.
+        assert_eq!(
+            book.reserve(u, 2, Some("k1".into()), now),
+            Err(Rejection::KeyReused)
+        );
+        let keyed: Vec<_> = book.keyed_orders().collect();
+        assert_eq!(keyed, [(u, "k1", 1)]);
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub enum ApiError {
     InvalidCredentials,
     #[error("that username is taken")]
     UsernameTaken,
+    #[error("this Idempotency-Key was used before with another quantity or on another sale; use a fresh key for a new purchase")]
+    IdempotencyKeyReused,
     #[error("no such sale")]
     SaleNotFound,
     #[error("no such order")]
@@ -97,6 +99,7 @@ impl ApiError {
             ApiError::Unauthenticated => "unauthenticated",
             ApiError::InvalidCredentials => "invalid_credentials",
             ApiError::UsernameTaken => "username_taken",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::SaleNotFound => "sale_not_found",
             ApiError::OrderNotFound => "order_not_found",
             ApiError::NotFound => "not_found",
@@ -108,6 +111,7 @@ impl ApiError {
                 Rejection::Paused => "paused",
                 Rejection::SoldOut { .. } => "sold_out",
                 Rejection::LimitReached { .. } => "limit_reached",
+                Rejection::KeyReused => "idempotency_key_reused",
             },
             ApiError::ReservationExpired => "reservation_expired",
             ApiError::OrderCancelled => "order_cancelled",
@@ -131,6 +135,7 @@ impl ApiError {
             ApiError::Unauthenticated => "Unauthenticated",
             ApiError::InvalidCredentials => "Invalid credentials",
             ApiError::UsernameTaken => "Username taken",
+            ApiError::IdempotencyKeyReused => "Idempotency key reused",
             ApiError::SaleNotFound => "Sale not found",
             ApiError::OrderNotFound => "Order not found",
             ApiError::NotFound => "Not found",
@@ -142,6 +147,7 @@ impl ApiError {
                 Rejection::Paused => "Sale paused",
                 Rejection::SoldOut { .. } => "Sold out",
                 Rejection::LimitReached { .. } => "Limit reached",
+                Rejection::KeyReused => "Idempotency key reused",
             },
             ApiError::ReservationExpired => "Reservation expired",
             ApiError::OrderCancelled => "Order cancelled",
@@ -175,6 +181,7 @@ fn rejection_detail(r: &Rejection) -> String {
         Rejection::Paused => "the sale is paused".to_owned(),
         Rejection::SoldOut { left: 0 } => "the sale is sold out".to_owned(),
         Rejection::SoldOut { left } => format!("only {left} units are left"),
+        Rejection::KeyReused => ApiError::IdempotencyKeyReused.to_string(),
         Rejection::LimitReached { held, limit } => {
             format!("you hold {held} of the {limit} units one buyer may have")
         }
@@ -240,7 +247,9 @@ pub fn problem_response(
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Invalid(_)
+            | ApiError::IdempotencyKeyReused
+            | ApiError::Rejected(Rejection::KeyReused) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

@@ -19,7 +19,7 @@ use super::error::{ApiError, Problem};
 use super::json::{is_json, parse_json, read_body};
 use super::sales::sale_id;
 use super::AppState;
-use crate::actors::registry::{SaleHandle, SendRefused};
+use crate::actors::registry::{KeyCheck, KeyUse, SaleHandle, SendRefused};
 use crate::actors::stock::{ActionReply, OrderAction, PurchaseReply, Reserve, StockActor};
 use crate::domain::order::{Order, OrderStatus};
 use crate::domain::sale_book::{Action, ActionRefused};
@@ -111,8 +111,23 @@ pub async fn purchase(
     let key = idempotency_key(req)?;
     let quantity = quantity(req, payload).await?;
     let handle = state.registry.get(sale).ok_or(ApiError::SaleNotFound)?;
-    if let Some(r) = handle.shared.quick_rejection(Utc::now(), key.is_some()) {
-        return Err(ApiError::Rejected(r));
+    let user = shopper.user_id;
+    let wanted = KeyUse { sale, quantity };
+    // A key this buyer used before is a replay (answered by the actor
+    // whatever the sale's state now) or a reuse (refused); any other
+    // purchase may be refused from the hints, without the actor.
+    let replay = match key
+        .as_deref()
+        .map(|k| state.registry.keys.check(user, k, wanted))
+    {
+        Some(KeyCheck::Reused) => return Err(ApiError::IdempotencyKeyReused),
+        Some(KeyCheck::Same) => true,
+        Some(KeyCheck::New) | None => false,
+    };
+    if !replay {
+        if let Some(r) = handle.shared.quick_rejection(Utc::now()) {
+            return Err(ApiError::Rejected(r));
+        }
     }
     let retry_after_secs = state.retry_after_secs;
     if !state.accepting_purchases() {
@@ -122,6 +137,16 @@ pub async fn purchase(
         });
     }
     state.admit_purchase()?;
+    // Claim the key before the actor sees the purchase; the actor keeps the
+    // claim if it makes the order and drops it if not.
+    let claimed = match (&key, replay) {
+        (Some(k), false) => match state.registry.keys.claim(user, k, wanted) {
+            KeyCheck::Reused => return Err(ApiError::IdempotencyKeyReused),
+            KeyCheck::New => key.clone(),
+            KeyCheck::Same => None,
+        },
+        _ => None,
+    };
     let (tx, rx) = oneshot::channel();
     let msg = Reserve {
         user_id: shopper.user_id,
@@ -134,7 +159,12 @@ pub async fn purchase(
         reason: "the order could not be made durable in time; it may still appear in your orders",
         retry_after_secs,
     };
-    let Some(reply) = ask(state, &handle, msg, rx).await? else {
+    let asked = ask(state, &handle, msg, rx).await;
+    if let (Err(_), Some(k)) = (&asked, &claimed) {
+        // Never reached the actor: the claim made no order.
+        state.registry.keys.release(user, k, sale);
+    }
+    let Some(reply) = asked? else {
         return Err(unavailable);
     };
     match reply {

@@ -40,7 +40,10 @@ async fn a_login_flood_is_shed_with_503_not_queued() {
             other => panic!("unexpected {other}"),
         }
     }
-    assert!(shed > 0, "40 logins at once on one hashing thread: some are shed");
+    assert!(
+        shed > 0,
+        "40 logins at once on one hashing thread: some are shed"
+    );
     assert!(shed < 40, "some logins are served");
     app.teardown().await;
 }
@@ -64,15 +67,21 @@ async fn logins_are_limited_per_address_and_per_username() {
         let res = login("alice", from).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(res.status(), 401);
     }
-    let res = login("alice", "203.0.113.3").await.unwrap_or_else(|e| panic!("{e}"));
+    let res = login("alice", "203.0.113.3")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(res.headers().contains_key("retry-after"));
     assert_problem(res, 429, "rate_limited").await;
     // One address, four tries whatever the names; the fifth is refused.
     for name in ["bob", "carol", "dave"] {
-        let res = login(name, "203.0.113.1").await.unwrap_or_else(|e| panic!("{e}"));
+        let res = login(name, "203.0.113.1")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(res.status(), 401, "{name}");
     }
-    let res = login("erin", "203.0.113.1").await.unwrap_or_else(|e| panic!("{e}"));
+    let res = login("erin", "203.0.113.1")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_problem(res, 429, "rate_limited").await;
     app.teardown().await;
 }
@@ -169,16 +178,17 @@ async fn weak_secrets_are_refused_off_loopback() {
     };
     assert!(message.contains("auth.admin_token"), "{message}");
     assert!(message.contains("flashsale secrets"), "{message}");
-    assert!(!message.contains(ADMIN_TOKEN), "never the secret itself: {message}");
+    assert!(
+        !message.contains(ADMIN_TOKEN),
+        "never the secret itself: {message}"
+    );
     crate::helpers::cleanup(&settings).await;
 }
 
 #[actix_web::test]
 async fn the_webhook_exists_only_with_the_webhook_provider() {
     let app = spawn_app().await;
-    let res = app
-        .post("/api/v1/payments/webhook", &json!({}), None)
-        .await;
+    let res = app.post("/api/v1/payments/webhook", &json!({}), None).await;
     assert_problem(res, 404, "not_found").await;
     app.teardown().await;
 }
@@ -188,10 +198,20 @@ async fn input_postgres_cannot_store_is_refused_with_422() {
     let app = spawn_app().await;
     for path in ["/api/v1/sessions", "/api/v1/users"] {
         let res = app
-            .post(path, &json!({"username": "a\u{0}b", "password": "password123"}), None)
+            .post(
+                path,
+                &json!({"username": "a\u{0}b", "password": "password123"}),
+                None,
+            )
             .await;
         let body = assert_problem(res, 422, "invalid_input").await;
-        assert!(body["detail"].as_str().unwrap_or_default().contains("username"), "{body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("username"),
+            "{body}"
+        );
     }
     let bad_sales = [
         (json!({"description": "nul \u{0} here"}), "description"),
@@ -208,8 +228,15 @@ async fn input_postgres_cannot_store_is_refused_with_422() {
             .await;
         let status = res.status().as_u16();
         let body: Value = res.json().await.unwrap_or_default();
-        assert_eq!((status, body["code"].as_str()), (422, Some("invalid_input")), "{body}");
-        assert!(body["detail"].as_str().unwrap_or_default().contains(field), "{field}: {body}");
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (422, Some("invalid_input")),
+            "{body}"
+        );
+        assert!(
+            body["detail"].as_str().unwrap_or_default().contains(field),
+            "{field}: {body}"
+        );
     }
     // A patch too.
     let sale = app.create_sale(json!({})).await;
@@ -222,5 +249,99 @@ async fn input_postgres_cannot_store_is_refused_with_422() {
         )
         .await;
     assert_problem(res, 422, "invalid_input").await;
+    app.teardown().await;
+}
+
+#[actix_web::test]
+async fn an_idempotency_key_names_one_purchase() {
+    let app = spawn_app().await;
+    let sale = app
+        .create_sale(json!({"stock_total": 10, "per_user_limit": 5}))
+        .await;
+    let other = app
+        .create_sale(json!({"stock_total": 10, "per_user_limit": 5}))
+        .await;
+    let (sale_id, other_id) = (
+        sale["id"].as_str().unwrap_or_default(),
+        other["id"].as_str().unwrap_or_default(),
+    );
+    let (_, token) = mint_shopper(&app.settings);
+    let (status, first) = app
+        .purchase(sale_id, &token, Some(json!({"quantity": 2})), Some("k1"))
+        .await;
+    assert_eq!(status, 201, "{first}");
+    // The same purchase again: the same order.
+    let (status, again) = app
+        .purchase(sale_id, &token, Some(json!({"quantity": 2})), Some("k1"))
+        .await;
+    assert_eq!((status, &again["id"]), (200, &first["id"]), "{again}");
+    // Another quantity, or another sale, under the same key: refused.
+    for (sale, body) in [
+        (sale_id, json!({"quantity": 3})),
+        (other_id, json!({"quantity": 2})),
+    ] {
+        let (status, body) = app.purchase(sale, &token, Some(body), Some("k1")).await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["code"], "idempotency_key_reused", "{body}");
+    }
+    // Another buyer may use the same key freely.
+    let (_, someone) = mint_shopper(&app.settings);
+    let (status, body) = app
+        .purchase(other_id, &someone, Some(json!({"quantity": 1})), Some("k1"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // A refused purchase leaves its key free for another one.
+    let (status, body) = app
+        .purchase(sale_id, &token, Some(json!({"quantity": 4})), Some("k2"))
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("limit_reached")),
+        "{body}"
+    );
+    let (status, body) = app
+        .purchase(other_id, &token, Some(json!({"quantity": 1})), Some("k2"))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    app.teardown().await;
+}
+
+async fn messages_handled(app: &crate::helpers::TestApp, sale: &str) -> u64 {
+    let status: Value = app
+        .get("/admin/v1/actors", Some(ADMIN_TOKEN))
+        .await
+        .json()
+        .await
+        .unwrap_or_default();
+    status["stock_actors"]
+        .as_array()
+        .and_then(|all| all.iter().find(|a| a["sale_id"] == sale))
+        .and_then(|a| a["messages_handled"].as_u64())
+        .unwrap_or_else(|| panic!("{status}"))
+}
+
+#[actix_web::test]
+async fn fresh_keys_on_a_sold_out_sale_never_reach_its_actor() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(json!({"stock_total": 1})).await;
+    let sale_id = sale["id"].as_str().unwrap_or_default();
+    let (_, winner) = mint_shopper(&app.settings);
+    let (status, won) = app.purchase(sale_id, &winner, None, Some("w")).await;
+    assert_eq!(status, 201, "{won}");
+    let before = messages_handled(&app, sale_id).await;
+    for i in 0..50 {
+        let (_, token) = mint_shopper(&app.settings);
+        let key = format!("random-{i}");
+        let (status, body) = app.purchase(sale_id, &token, None, Some(&key)).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (409, Some("sold_out")),
+            "{body}"
+        );
+    }
+    assert_eq!(messages_handled(&app, sale_id).await, before);
+    // The winner's replay is still answered, sold out or not.
+    let (status, again) = app.purchase(sale_id, &winner, None, Some("w")).await;
+    assert_eq!((status, &again["id"]), (200, &won["id"]), "{again}");
     app.teardown().await;
 }
