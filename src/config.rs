@@ -48,6 +48,7 @@ pub struct ServerSettings {
     pub max_connections_per_worker: usize,
     pub backlog: u32,
     pub shutdown_timeout_secs: u64,
+    pub readiness_cache_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

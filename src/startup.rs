@@ -181,6 +181,8 @@ impl Application {
             body_timeout: Duration::from_millis(settings.server.client_request_timeout_ms),
             writer_pool_size: settings.orders.writers,
             webhook: crate::payments::WebhookVerifier::new(&settings.payments),
+            readiness: Default::default(),
+            readiness_cache: Duration::from_millis(settings.server.readiness_cache_ms),
             recovered: AtomicBool::new(false),
             recovery: Arc::new(DrainProgress::default()),
             stopping: AtomicBool::new(false),

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use actix_web::http::{header, StatusCode};
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
@@ -48,25 +48,83 @@ where
     }
 }
 
+/// The checks of the services, as last looked at.
+#[derive(Debug, Clone)]
+pub struct ServiceChecks {
+    at: std::time::Instant,
+    postgres: String,
+    redis: String,
+    rabbitmq: String,
+}
+
+/// The last round trip to every service, reused for
+/// `server.readiness_cache_ms`: a prober (or a flood) polling `/readyz`
+/// costs the services one round trip per period, not one per call.
+#[derive(Default)]
+pub struct ReadinessCache(std::sync::Mutex<Option<ServiceChecks>>);
+
+impl ReadinessCache {
+    async fn checks(&self, state: &AppState) -> ServiceChecks {
+        let fresh = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .filter(|c| c.at.elapsed() < state.readiness_cache);
+        if let Some(c) = fresh {
+            return c;
+        }
+        let (postgres, redis, rabbitmq) = tokio::join!(
+            check(state.db.ping()),
+            check(state.redis.ping()),
+            check(async { state.pipeline_health() }),
+        );
+        let checks = ServiceChecks {
+            at: std::time::Instant::now(),
+            postgres,
+            redis,
+            rabbitmq,
+        };
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(checks.clone());
+        }
+        checks
+    }
+}
+
+/// What an anonymous caller may see of a check: whether it is fine, and
+/// recovery's progress; never an internal error text.
+fn public(check: String) -> String {
+    if check == "ok" || check.starts_with("recovering") || check == "shutting down" {
+        check
+    } else {
+        "error".to_owned()
+    }
+}
+
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "ready or degraded", body = Readiness),
-        (status = 503, description = "not ready: recovering, shutting down, or no order log", body = Readiness)))]
-pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let (postgres, redis, rabbitmq) = tokio::join!(
-        check(state.db.ping()),
-        check(state.redis.ping()),
-        check(async { state.pipeline_health() }),
-    );
+    responses((status = 200, description = "ready or degraded; error texts only with the admin token", body = Readiness),
+        (status = 503, description = "not ready: recovering (with the messages left), shutting down, or no order log", body = Readiness)))]
+pub async fn readyz(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
+    let admin = super::auth::bearer(&req).is_some_and(|t| state.admin_token.matches(t));
+    let services = state.readiness.checks(&state).await;
+    let shown = |c: String| if admin { c } else { public(c) };
     let mut checks = std::collections::BTreeMap::new();
-    checks.insert("postgres", postgres);
-    checks.insert("redis", redis);
-    checks.insert("rabbitmq", rabbitmq);
+    checks.insert("postgres", shown(services.postgres));
+    checks.insert("redis", shown(services.redis));
+    checks.insert("rabbitmq", shown(services.rabbitmq));
     checks.insert("recovery", state.recovery_status());
     let breakers = state
         .breakers
         .all()
         .into_iter()
-        .map(|(name, b)| (name, b.snapshot()))
+        .map(|(name, b)| {
+            let mut snapshot = b.snapshot();
+            if !admin {
+                snapshot.last_error = None;
+            }
+            (name, snapshot)
+        })
         .collect();
     // Purchases need recovery and the order log; PostgreSQL and Redis may be
     // away for a while without refusing a single purchase.
@@ -82,7 +140,9 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         breakers,
     };
     if serving {
-        HttpResponse::Ok().json(body)
+        HttpResponse::Ok()
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .json(body)
     } else {
         // A problem document with the checks as an extension member.
         let detail = body
@@ -100,6 +160,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         HttpResponse::build(StatusCode::SERVICE_UNAVAILABLE)
             .insert_header((header::CONTENT_TYPE, PROBLEM_JSON))
             .insert_header((header::RETRY_AFTER, "1"))
+            .insert_header((header::CACHE_CONTROL, "no-store"))
             .json(serde_json::json!({
                 "type": format!("urn:flashsale:problem:{code}"),
                 "title": title,

@@ -108,17 +108,22 @@ impl RateLimits {
     }
 
     /// The client's address: the peer, or for a trusted proxy the rightmost
-    /// `X-Forwarded-For` entry that is not a trusted proxy.
-    pub fn client_ip(&self, peer: Option<IpAddr>, forwarded_for: Option<&str>) -> Option<IpAddr> {
+    /// `X-Forwarded-For` entry that is not a trusted proxy. `forwarded_for`
+    /// gives the header's lines in order (several lines are one list, as
+    /// RFC 9110 says); it is read only for a trusted peer.
+    pub fn client_ip<'a>(
+        &self,
+        peer: Option<IpAddr>,
+        forwarded_for: impl FnOnce() -> Vec<&'a str>,
+    ) -> Option<IpAddr> {
         let peer = peer?;
         if !self.trusted_proxies.contains(&peer) {
             return Some(peer);
         }
-        let Some(header) = forwarded_for else {
-            return Some(peer);
-        };
-        header
-            .rsplit(',')
+        forwarded_for()
+            .iter()
+            .rev()
+            .flat_map(|line| line.rsplit(','))
             .filter_map(|a| a.trim().parse::<IpAddr>().ok())
             .find(|a| !self.trusted_proxies.contains(a))
             .or(Some(peer))
@@ -217,18 +222,34 @@ mod tests {
         let l = limits(1, &["10.0.0.9"]);
         let proxy: IpAddr = [10, 0, 0, 9].into();
         let other: IpAddr = [10, 0, 0, 8].into();
+        let lines = |v: &'static [&'static str]| move || v.to_vec();
         assert_eq!(
-            l.client_ip(Some(proxy), Some("198.51.100.1, 203.0.113.5")),
+            l.client_ip(Some(proxy), lines(&["198.51.100.1, 203.0.113.5"])),
             Some([203, 0, 113, 5].into())
         );
         // The proxy's own entries are skipped.
         assert_eq!(
-            l.client_ip(Some(proxy), Some("203.0.113.5, 10.0.0.9")),
+            l.client_ip(Some(proxy), lines(&["203.0.113.5, 10.0.0.9"])),
             Some([203, 0, 113, 5].into())
         );
-        assert_eq!(l.client_ip(Some(proxy), Some("garbage")), Some(proxy));
-        assert_eq!(l.client_ip(Some(other), Some("203.0.113.5")), Some(other));
-        assert_eq!(l.client_ip(Some(proxy), None), Some(proxy));
+        // Several header lines are one list: the last line's entries count first.
+        assert_eq!(
+            l.client_ip(
+                Some(proxy),
+                lines(&["198.51.100.1", "203.0.113.7, 10.0.0.9"])
+            ),
+            Some([203, 0, 113, 7].into())
+        );
+        assert_eq!(
+            l.client_ip(Some(proxy), lines(&["198.51.100.1", "10.0.0.9"])),
+            Some([198, 51, 100, 1].into())
+        );
+        assert_eq!(l.client_ip(Some(proxy), lines(&["garbage"])), Some(proxy));
+        assert_eq!(
+            l.client_ip(Some(other), lines(&["203.0.113.5"])),
+            Some(other)
+        );
+        assert_eq!(l.client_ip(Some(proxy), lines(&[])), Some(proxy));
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub struct AppState {
     /// Read by `/metrics`; nothing registers after start-up.
     pub metrics_registry: prometheus_client::registry::Registry,
     pub writer_pool_size: usize,
+    /// The services' last checks, reused for `readiness_cache`.
+    pub readiness: health::ReadinessCache,
+    pub readiness_cache: Duration,
     /// Set once start-up recovery has finished; `/readyz` waits for it.
     pub recovered: AtomicBool,
     /// How far recovery's drain of the order log has come.
@@ -182,10 +185,12 @@ where
         if matches!(req.path(), "/healthz" | "/readyz" | "/metrics") {
             return None;
         }
-        let forwarded = req
-            .headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
+        let forwarded = || {
+            req.headers()
+                .get_all("x-forwarded-for")
+                .filter_map(|v| v.to_str().ok())
+                .collect()
+        };
         let ip = state
             .limits
             .client_ip(req.peer_addr().map(|a| a.ip()), forwarded)?;

@@ -101,10 +101,13 @@ pub async fn login(
     body: ApiJson<Credentials>,
 ) -> Result<HttpResponse, ApiError> {
     let Credentials { username, password } = body.0;
-    // A name or a password no account can have is refused as invalid input,
-    // without a hash or a query (the rules are public: nothing to learn).
+    // A name no account can have is invalid input (naming the field); a
+    // password no account can have is simply wrong. Neither costs a hash or
+    // a query (the rules are public: nothing to learn from the timing).
     validate_username(&username)?;
-    validate_password(&password)?;
+    if validate_password(&password).is_err() {
+        return Err(ApiError::InvalidCredentials);
+    }
     check_login_quota(&state, &req, Some(&username))?;
     let found = state.db.user_credentials(&username).await?;
     let (user_id, hash) = match found {

@@ -153,7 +153,7 @@ async fn a_broker_outage_refuses_purchases_and_recovers_by_itself() {
     // then names them); wait until it names the publisher.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let res = app.get("/readyz", None).await;
+        let res = app.get("/readyz", Some(ADMIN_TOKEN)).await;
         let status = res.status();
         let body: Value = res.json().await.unwrap_or_default();
         let names_publisher = body["checks"]["rabbitmq"]

@@ -151,8 +151,9 @@ where
     }
 }
 
+/// `/readyz` as an admin sees it (with the error texts).
 async fn readiness(app: &TestApp) -> (u16, Value) {
-    let res = app.get("/readyz", None).await;
+    let res = app.get("/readyz", Some(ADMIN_TOKEN)).await;
     let status = res.status().as_u16();
     (status, res.json().await.unwrap_or_default())
 }
@@ -226,7 +227,11 @@ async fn redis_down_pauses_snapshots_and_nothing_else() {
             && s["pipeline"]["breakers"]["redis"]["state"] == "closed"
     })
     .await;
-    assert_eq!(readiness(&app).await.1["status"], "ready");
+    // Readiness reuses its last look at the services for a moment.
+    wait_for("readiness to recover", || async {
+        readiness(&app).await.1["status"] == "ready"
+    })
+    .await;
     let db = db_client(&app.settings).await;
     assert_eq!(wait_for_orders(&db, uuid_of(&sale["id"]), 5).await, created);
     app.teardown().await;
@@ -274,6 +279,27 @@ async fn postgres_down_buffers_orders_in_rabbitmq_and_catches_up() {
                 > 0
     })
     .await;
+    // Anonymous callers learn that PostgreSQL is away, not what it said.
+    let anonymous: Value = app
+        .get("/readyz", None)
+        .await
+        .json()
+        .await
+        .unwrap_or_default();
+    assert_eq!(anonymous["checks"]["postgres"], "error", "{anonymous}");
+    assert!(
+        anonymous["breakers"]
+            .as_object()
+            .is_some_and(|all| all.values().all(|b| b["last_error"].is_null())),
+        "{anonymous}"
+    );
+    let (_, admin) = readiness(&app).await;
+    assert!(
+        admin["checks"]["postgres"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("error:")),
+        "{admin}"
+    );
     // Reads that need the database answer 503, never 500; the owner still
     // sees the order made a moment ago (from memory).
     let res = app.get("/api/v1/orders", Some(&tokens[0])).await;

@@ -97,7 +97,11 @@ async fn racing_replays_of_one_idempotency_key_make_one_order() {
     let ids: HashSet<&Value> = results.iter().map(|(_, b)| &b["id"]).collect();
     assert_eq!(ids.len(), 1, "every answer names the same order");
 
-    // Later replays, even with another quantity asked, answer the same order.
+    // A later replay answers the same order; the key with another quantity
+    // is another purchase under a used key: refused.
+    let (status, body) = app.purchase(&sale_id, &token, None, Some("order-42")).await;
+    assert_eq!(status, 200);
+    assert_eq!(&&body["id"], ids.iter().next().unwrap_or(&&Value::Null));
     let (status, body) = app
         .purchase(
             &sale_id,
@@ -106,8 +110,11 @@ async fn racing_replays_of_one_idempotency_key_make_one_order() {
             Some("order-42"),
         )
         .await;
-    assert_eq!(status, 200);
-    assert_eq!(&&body["id"], ids.iter().next().unwrap_or(&&Value::Null));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("idempotency_key_reused")),
+        "{body}"
+    );
     // A new key is a new purchase within the limit.
     let (status, _) = app.purchase(&sale_id, &token, None, Some("order-43")).await;
     assert_eq!(status, 201);
