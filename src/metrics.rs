@@ -34,6 +34,7 @@ pub mod name {
     pub const HTTP_REQUEST_DURATION: &str = "http_request_duration_seconds";
     pub const PURCHASES: &str = "purchases";
     pub const ORDER_ACTIONS: &str = "order_actions";
+    pub const PAYMENT_REFUNDS: &str = "payment_refunds";
     pub const BATCH_SIZE: &str = "order_log_batch_size";
     pub const CONFIRM_LATENCY: &str = "order_log_confirm_seconds";
     pub const WRITER_BATCH_LATENCY: &str = "order_writer_batch_seconds";
@@ -111,6 +112,7 @@ pub struct Metrics {
     pub http_request_duration: Family<RouteLabels, Histogram>,
     pub purchases: Family<OutcomeLabels, Counter>,
     pub order_actions: Family<ActionLabels, Counter>,
+    pub refunds: Counter,
     pub batch_size: Histogram,
     pub confirm_latency: Histogram,
     pub writer_batch_latency: Histogram,
@@ -129,6 +131,7 @@ impl Metrics {
             http_request_duration: Family::new_with_constructor(latency_histogram),
             purchases: Family::default(),
             order_actions: Family::default(),
+            refunds: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             confirm_latency: latency_histogram(),
             writer_batch_latency: latency_histogram(),
@@ -152,6 +155,11 @@ impl Metrics {
             name::ORDER_ACTIONS,
             "Payments and cancellations by outcome",
             m.order_actions.clone(),
+        );
+        registry.register(
+            name::PAYMENT_REFUNDS,
+            "Charges handed back because their payment lost (the reservation expired or was cancelled first)",
+            m.refunds.clone(),
         );
         registry.register(
             name::BATCH_SIZE,

@@ -340,6 +340,7 @@ pub(crate) async fn pay_approved(
         Err(_) => false,
     };
     if refund {
+        state.metrics.refunds.inc();
         if let Err(e) = state.payments.refund(order).await {
             tracing::error!(order_id = %order.id, error = %e, "refund failed; needs attention");
         }

@@ -340,6 +340,86 @@ impl Database {
     }
 }
 
+/// How a webhook event stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventClaim {
+    /// First seen now: handle it, then `finish_payment_event`.
+    New,
+    /// Handled before, with this result.
+    Done(String),
+    /// Another delivery of it is being handled right now.
+    InProgress,
+}
+
+impl Database {
+    /// Claims a payment webhook event for handling, or tells how an earlier
+    /// delivery of it went.
+    pub async fn claim_payment_event(
+        &self,
+        event_id: &str,
+        order_id: Uuid,
+    ) -> Result<EventClaim, StoreError> {
+        self.bounded(async {
+            let conn = self.pool.get().await?;
+            let inserted = conn
+                .execute(
+                    "INSERT INTO payment_events (event_id, order_id) VALUES ($1, $2) \
+                     ON CONFLICT (event_id) DO NOTHING",
+                    &[&event_id, &order_id],
+                )
+                .await
+                .map_err(classify)?;
+            if inserted == 1 {
+                return Ok(EventClaim::New);
+            }
+            let row = conn
+                .query_opt(
+                    "SELECT result FROM payment_events WHERE event_id = $1",
+                    &[&event_id],
+                )
+                .await?;
+            Ok(match row.and_then(|r| r.get::<_, Option<String>>(0)) {
+                Some(result) => EventClaim::Done(result),
+                None => EventClaim::InProgress,
+            })
+        })
+        .await
+    }
+
+    /// Records how a claimed event was handled.
+    pub async fn finish_payment_event(
+        &self,
+        event_id: &str,
+        result: &str,
+    ) -> Result<(), StoreError> {
+        self.bounded(async {
+            let conn = self.pool.get().await?;
+            conn.execute(
+                "UPDATE payment_events SET result = $2 WHERE event_id = $1",
+                &[&event_id, &result],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Gives a claimed event up (its handling failed): a later delivery
+    /// handles it afresh.
+    pub async fn forget_payment_event(&self, event_id: &str) -> Result<(), StoreError> {
+        self.bounded(async {
+            let conn = self.pool.get().await?;
+            conn.execute(
+                "DELETE FROM payment_events WHERE event_id = $1 AND result IS NULL",
+                &[&event_id],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
 const ORDER_COLUMNS: &str =
     "SELECT id, sale_id, user_id, quantity, status, created_at, expires_at, \
      paid_at, idempotency_key, closed_at FROM orders";
