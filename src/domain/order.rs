@@ -57,4 +57,9 @@ pub struct Order {
     /// The client's `Idempotency-Key`, when it sent one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub idempotency_key: Option<String>,
+    /// The unit price when the reservation was made, in minor units: what a
+    /// payment charges per unit, whatever the sale's price is now.
+    pub price_cents: i64,
+    /// The currency of `price_cents` (ISO 4217).
+    pub currency: String,
 }

@@ -294,6 +294,8 @@ impl SaleBook {
             paid_at: None,
             closed_at: None,
             idempotency_key,
+            price_cents: spec.price_cents,
+            currency: spec.currency.clone(),
         };
         self.hold(&order);
         self.counters_add(OrderStatus::Reserved, quantity);
@@ -650,6 +652,8 @@ mod tests {
             paid_at: None,
             closed_at: None,
             idempotency_key: key.map(str::to_owned),
+            price_cents: 100,
+            currency: "EUR".into(),
         };
         let reserved = mk(OrderStatus::Reserved, 1, Some("a"));
         let orders = vec![
@@ -819,6 +823,8 @@ mod tests {
             paid_at: None,
             closed_at: None,
             idempotency_key: None,
+            price_cents: 100,
+            currency: "EUR".into(),
         };
         let book = SaleBook::restore(s, vec![past.clone()]);
         assert_eq!(book.stock_left(), 4);

@@ -369,21 +369,9 @@ pub async fn pay(
         OrderStatus::Expired => return Err(ApiError::ReservationExpired),
         OrderStatus::Reserved => {}
     }
-    let sale = state
-        .registry
-        .get(order.sale_id)
-        .ok_or(ApiError::OrderNotFound)?
-        .shared
-        .sale();
-    let amount = sale
-        .spec
-        .price_cents
-        .saturating_mul(i64::from(order.quantity));
-    match state
-        .payments
-        .charge(&order, amount, &sale.spec.currency)
-        .await
-    {
+    // The price fixed when the reservation was made, not the sale's now.
+    let amount = order.price_cents.saturating_mul(i64::from(order.quantity));
+    match state.payments.charge(&order, amount, &order.currency).await {
         Ok(PaymentOutcome::Approved) => {
             let (order, _) = pay_approved(&state, &order, true).await?;
             Ok(HttpResponse::Ok().json(order))

@@ -422,7 +422,7 @@ impl Database {
 
 const ORDER_COLUMNS: &str =
     "SELECT id, sale_id, user_id, quantity, status, created_at, expires_at, \
-     paid_at, idempotency_key, closed_at FROM orders";
+     paid_at, idempotency_key, closed_at, price_cents, currency FROM orders";
 
 fn order_from_row(row: &Row) -> Option<Order> {
     Some(Order {
@@ -436,6 +436,8 @@ fn order_from_row(row: &Row) -> Option<Order> {
         paid_at: row.get(7),
         idempotency_key: row.get(8),
         closed_at: row.get(9),
+        price_cents: row.get::<_, Option<i64>>(10).unwrap_or(0),
+        currency: row.get::<_, Option<String>>(11).unwrap_or_default(),
     })
 }
 

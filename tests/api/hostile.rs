@@ -345,3 +345,75 @@ async fn fresh_keys_on_a_sold_out_sale_never_reach_its_actor() {
     assert_eq!((status, &again["id"]), (200, &won["id"]), "{again}");
     app.teardown().await;
 }
+
+#[actix_web::test]
+async fn a_reservation_keeps_the_price_it_was_made_at() {
+    let app = spawn_app().await;
+    let sale = app
+        .create_sale(json!({"stock_total": 10, "price_cents": 12_900, "currency": "EUR"}))
+        .await;
+    let sale_id = sale["id"].as_str().unwrap_or_default();
+    let (_, token) = mint_shopper(&app.settings);
+    let (status, order) = app.purchase(sale_id, &token, None, None).await;
+    assert_eq!(status, 201, "{order}");
+    assert_eq!(
+        (order["price_cents"].as_i64(), order["currency"].as_str()),
+        (Some(12_900), Some("EUR"))
+    );
+    let res = app
+        .patch(
+            &format!("/admin/v1/sales/{sale_id}"),
+            &json!({"price_cents": 99, "currency": "USD"}),
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let id = order["id"].as_str().unwrap_or_default();
+    let (status, paid) = app
+        .call(&format!("/api/v1/orders/{id}/payment"), &token)
+        .await;
+    assert_eq!(status, 200, "{paid}");
+    assert_eq!(
+        (
+            paid["status"].as_str(),
+            paid["price_cents"].as_i64(),
+            paid["currency"].as_str()
+        ),
+        (Some("paid"), Some(12_900), Some("EUR")),
+        "{paid}"
+    );
+    let (_, other) = mint_shopper(&app.settings);
+    let (status, later) = app.purchase(sale_id, &other, None, None).await;
+    assert_eq!(status, 201, "{later}");
+    assert_eq!(
+        (later["price_cents"].as_i64(), later["currency"].as_str()),
+        (Some(99), Some("USD"))
+    );
+    // PostgreSQL keeps each order's own price.
+    let db = crate::helpers::db_client(&app.settings).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let rows = db
+            .query(
+                "SELECT price_cents, currency FROM orders WHERE sale_id = $1 ORDER BY price_cents",
+                &[&crate::helpers::uuid_of(&sale["id"])],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stored: Vec<(Option<i64>, Option<String>)> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        if stored.len() == 2 {
+            assert_eq!(
+                stored,
+                [
+                    (Some(99), Some("USD".to_owned())),
+                    (Some(12_900), Some("EUR".to_owned()))
+                ]
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{stored:?}");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.teardown().await;
+}

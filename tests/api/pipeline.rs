@@ -71,7 +71,7 @@ async fn malformed_messages_are_dead_lettered_and_writing_goes_on() {
     let second = json!({"v": 2, "entries": [{"op": "reserve", "order": {
         "id": Uuid::now_v7(), "sale": sale["id"], "user": buyer, "qty": 1, "status": "reserved",
         "created_us": 1_767_225_600_000_000i64, "expires_us": 1_767_226_200_000_000i64,
-        "paid_us": null, "closed_us": null, "key": "k"}}]});
+        "paid_us": null, "closed_us": null, "key": "k", "price": 12_900, "cur": "EUR"}}]});
     publish_raw(
         &app.settings,
         &serde_json::to_vec(&second).unwrap_or_default(),

@@ -100,7 +100,8 @@ fn classify(e: tokio_postgres::Error) -> ApplyError {
 }
 
 /// A writer's session with PostgreSQL: its connection, the upsert prepared
-/// once, and the sales it has already seen exist.
+/// once, and the sales it has already seen exist (with their price, for the
+/// v1 entries that carry none).
 ///
 /// Applying a message is one prepared statement (atomic on its own, so no
 /// explicit transaction and no extra round trips). `orders.sale_id` has no
@@ -113,13 +114,13 @@ fn classify(e: tokio_postgres::Error) -> ApplyError {
 pub struct OrderStore {
     client: tokio_postgres::Client,
     upsert: tokio_postgres::Statement,
-    known_sales: std::collections::HashSet<uuid::Uuid>,
+    known_sales: std::collections::HashMap<uuid::Uuid, (i64, String)>,
 }
 
 /// The one statement every order-log entry is applied with.
-pub(crate) const UPSERT_ORDERS: &str = "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at) \
+pub(crate) const UPSERT_ORDERS: &str = "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at, price_cents, currency) \
      SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[], \
-                          $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[]) \
+                          $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::int8[], $12::text[]) \
      ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, paid_at = EXCLUDED.paid_at, closed_at = EXCLUDED.closed_at \
      WHERE orders.status = 'reserved' AND EXCLUDED.status <> 'reserved'";
 
@@ -154,6 +155,25 @@ impl OrderStore {
             return Ok(0);
         }
         self.check_sales(&orders).await?;
+        // Entries of wire v1 carry no price: their sale's price now.
+        let priced: Vec<Order> = orders
+            .iter()
+            .filter(|o| o.currency.is_empty())
+            .filter_map(|o| {
+                let (price, currency) = self.known_sales.get(&o.sale_id)?;
+                Some(Order {
+                    price_cents: *price,
+                    currency: currency.clone(),
+                    ..(*o).clone()
+                })
+            })
+            .collect();
+        let mut orders: Vec<&Order> = orders
+            .into_iter()
+            .filter(|o| !o.currency.is_empty())
+            .chain(&priced)
+            .collect();
+        orders.sort_unstable_by_key(|o| o.id);
         upsert(&self.client, &self.upsert, &orders)
             .await
             .map_err(classify)
@@ -164,7 +184,7 @@ impl OrderStore {
         let mut unknown: Vec<uuid::Uuid> = orders
             .iter()
             .map(|o| o.sale_id)
-            .filter(|id| !self.known_sales.contains(id))
+            .filter(|id| !self.known_sales.contains_key(id))
             .collect();
         if unknown.is_empty() {
             return Ok(());
@@ -173,13 +193,21 @@ impl OrderStore {
         unknown.dedup();
         let rows = self
             .client
-            .query("SELECT id FROM sales WHERE id = ANY($1)", &[&unknown])
+            .query(
+                "SELECT id, price_cents, currency FROM sales WHERE id = ANY($1)",
+                &[&unknown],
+            )
             .await
             .map_err(classify)?;
         for row in rows {
-            self.known_sales.insert(row.try_get(0).map_err(classify)?);
+            let id = row.try_get(0).map_err(classify)?;
+            let price = (
+                row.try_get(1).map_err(classify)?,
+                row.try_get(2).map_err(classify)?,
+            );
+            self.known_sales.insert(id, price);
         }
-        match unknown.iter().find(|id| !self.known_sales.contains(id)) {
+        match unknown.iter().find(|id| !self.known_sales.contains_key(id)) {
             Some(missing) => Err(ApplyError::Malformed(format!(
                 "order for sale {missing}, which does not exist"
             ))),
@@ -214,11 +242,14 @@ where
     let expires: Vec<_> = orders.iter().map(|o| o.expires_at).collect();
     let paid: Vec<_> = orders.iter().map(|o| o.paid_at).collect();
     let closed: Vec<_> = orders.iter().map(|o| o.closed_at).collect();
+    let price: Vec<i64> = orders.iter().map(|o| o.price_cents).collect();
+    let currency: Vec<&str> = orders.iter().map(|o| o.currency.as_str()).collect();
     client
         .execute(
             statement,
             &[
                 &ids, &sales, &users, &qty, &status, &keys, &created, &expires, &paid, &closed,
+                &price, &currency,
             ],
         )
         .await
@@ -255,6 +286,8 @@ mod tests {
             paid_at: None,
             closed_at: None,
             idempotency_key: Some("press-1".into()),
+            price_cents: 12_900,
+            currency: "EUR".into(),
         };
         let paid = Order {
             status: OrderStatus::Paid,
@@ -272,8 +305,8 @@ mod tests {
     /// waiting in a queue across an upgrade, so it must be a new version.
     const GOLDEN_V2: &str = concat!(
         r#"{"v":2,"entries":["#,
-        r#"{"op":"reserve","order":{"id":"0192f0c4-0000-7000-8000-000000000001","sale":"0192f0c4-0000-7000-8000-0000000000aa","user":"5f0c7f4e-1111-4222-8333-444455556666","qty":2,"status":"reserved","created_us":1795341600123456,"expires_us":1795342200123456,"paid_us":null,"closed_us":null,"key":"press-1"}},"#,
-        r#"{"op":"transition","order":{"id":"0192f0c4-0000-7000-8000-000000000001","sale":"0192f0c4-0000-7000-8000-0000000000aa","user":"5f0c7f4e-1111-4222-8333-444455556666","qty":2,"status":"paid","created_us":1795341600123456,"expires_us":1795342200123456,"paid_us":1795341660000000,"closed_us":null,"key":null}}"#,
+        r#"{"op":"reserve","order":{"id":"0192f0c4-0000-7000-8000-000000000001","sale":"0192f0c4-0000-7000-8000-0000000000aa","user":"5f0c7f4e-1111-4222-8333-444455556666","qty":2,"status":"reserved","created_us":1795341600123456,"expires_us":1795342200123456,"paid_us":null,"closed_us":null,"key":"press-1","price":12900,"cur":"EUR"}},"#,
+        r#"{"op":"transition","order":{"id":"0192f0c4-0000-7000-8000-000000000001","sale":"0192f0c4-0000-7000-8000-0000000000aa","user":"5f0c7f4e-1111-4222-8333-444455556666","qty":2,"status":"paid","created_us":1795341600123456,"expires_us":1795342200123456,"paid_us":1795341660000000,"closed_us":null,"key":null,"price":12900,"cur":"EUR"}}"#,
         r#"]}"#
     );
 
@@ -298,7 +331,26 @@ mod tests {
     #[test]
     fn reads_messages_of_version_1() {
         let msg = decode(GOLDEN_V1.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(msg.entries, entries());
+        // v1 carried no price: read as none, filled from the sale when applied.
+        let unpriced: Vec<LogEntry> = entries()
+            .into_iter()
+            .map(|e| {
+                let unpriced = |o: &Order| Order {
+                    price_cents: 0,
+                    currency: String::new(),
+                    ..o.clone()
+                };
+                match e {
+                    LogEntry::Reserve { order } => LogEntry::Reserve {
+                        order: unpriced(&order),
+                    },
+                    LogEntry::Transition { order } => LogEntry::Transition {
+                        order: unpriced(&order),
+                    },
+                }
+            })
+            .collect();
+        assert_eq!(msg.entries, unpriced);
     }
 
     #[test]

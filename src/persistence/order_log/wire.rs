@@ -8,10 +8,12 @@
 //!
 //! - **v2** (written since the wire got its own type): short field names,
 //!   times as integer microseconds since the Unix epoch (PostgreSQL keeps
-//!   microseconds), the status as its own enum.
-//!   `{"v":2,"entries":[{"op":"reserve","order":{"id","sale","user","qty","status","created_us","expires_us","paid_us","closed_us","key"}}]}`
+//!   microseconds), the status as its own enum, the unit price and currency
+//!   fixed at reservation.
+//!   `{"v":2,"entries":[{"op":"reserve","order":{"id","sale","user","qty","status","created_us","expires_us","paid_us","closed_us","key","price","cur"}}]}`
 //! - **v1** (read only): the entry's order spelled as the API spelled it then,
-//!   times as RFC 3339 strings.
+//!   times as RFC 3339 strings, no price: such an order is read with an empty
+//!   currency, and the writer gives it its sale's price (`OrderStore`).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -76,6 +78,8 @@ struct OrderV2<K> {
     paid_us: Option<i64>,
     closed_us: Option<i64>,
     key: Option<K>,
+    price: i64,
+    cur: K,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -116,6 +120,8 @@ pub(super) fn encode<'a>(entries: impl Iterator<Item = (Op, &'a Order)>) -> Vec<
                 paid_us: o.paid_at.map(micros),
                 closed_us: o.closed_at.map(micros),
                 key: o.idempotency_key.as_deref(),
+                price: o.price_cents,
+                cur: o.currency.as_str(),
             },
         })
         .collect();
@@ -175,6 +181,8 @@ fn decode_v2(bytes: &[u8]) -> Result<Vec<(Op, Order)>, String> {
                         .map(|t| from_micros(t, "closed_us"))
                         .transpose()?,
                     idempotency_key: o.key,
+                    price_cents: o.price,
+                    currency: o.cur,
                 },
             ))
         })
@@ -234,6 +242,9 @@ fn decode_v1(bytes: &[u8]) -> Result<Vec<(Op, Order)>, String> {
                     paid_at: o.paid_at,
                     closed_at: o.closed_at,
                     idempotency_key: o.idempotency_key,
+                    // Not on the wire in v1: filled in from the sale when applied.
+                    price_cents: 0,
+                    currency: String::new(),
                 },
             )
         })
