@@ -7,7 +7,11 @@
 # then checks that PostgreSQL holds every order answered 201; then, on a
 # fresh server, 4. the goose `rush` scenario (100,000 distinct buyers, goose
 # throttled, invariant check included) while sampling the server's memory;
-# and writes a Markdown report under load-tests/reports/.
+# then, on a fresh server with the shipped rate limits on, 5. hostile
+# clients: a sold-out storm from one buyer and an unauthenticated flood (both
+# with a body, as browsers send them; nearly every answer a 429), and logins
+# of an unknown user (the password-hashing capacity, and the memory of a
+# 400-way login flood); and writes a Markdown report under load-tests/reports/.
 # Every run is bounded: BENCH_SECONDS (default 10) per ceiling/rejection run,
 # BENCH_RESERVE_SECONDS (default 30) for the reservation run.
 set -euo pipefail
@@ -124,6 +128,29 @@ kill -TERM $SERVER_PID; wait $SERVER_PID || true
 RUSH_RSS=$(sort -n "$WORK/rush-rss.txt" | tail -n1)
 RUSH_RESULT=$(awk '/^invariants hold|FAILED/' "$WORK/rush.out" | tail -n1)
 
+# 5. Hostile clients, on a fresh server with the shipped rate limits (the
+# benchmark's own config turns them off) and, for the login runs, the login
+# limits off so that every login reaches the password hashers.
+echo "== hostile clients"
+FLASHSALE__LIMITS__PER_IP_PER_SECOND=1000 FLASHSALE__LIMITS__PURCHASES_PER_USER_PER_SECOND=5 \
+FLASHSALE__LIMITS__LOGINS_PER_IP_PER_MINUTE=0 FLASHSALE__LIMITS__LOGINS_PER_USERNAME_PER_MINUTE=0 \
+  target/release/flashsale --config load-tests/bench.toml &
+SERVER_PID=$!
+for _ in $(seq 1 200); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
+HOSTILE_SOLD=$(sale 1 1)
+curl -sf -X POST "$BASE/api/v1/sales/$HOSTILE_SOLD/purchases" -H "Authorization: Bearer $(sed -n 3p "$WORK/few-tokens.txt")" >/dev/null || true
+run_wrk limited-healthz "$SECONDS_SHORT" "$CONNECTIONS" -s load-tests/wrk/latency.lua "$BASE/healthz"
+run_wrk limited-soldout "$SECONDS_SHORT" "$CONNECTIONS" -H "Authorization: Bearer $(sed -n 4p "$WORK/few-tokens.txt")" -s load-tests/wrk/post-body.lua "$BASE/api/v1/sales/$HOSTILE_SOLD/purchases"
+run_wrk limited-unauth "$SECONDS_SHORT" "$CONNECTIONS" -s load-tests/wrk/post-body.lua "$BASE/api/v1/sales/$HOSTILE_SOLD/purchases"
+run_wrk login "$SECONDS_SHORT" 8 -s load-tests/wrk/login.lua "$BASE/api/v1/sessions"
+( while sleep 0.5; do ps -o rss= -p $SERVER_PID; done ) > "$WORK/login-rss.txt" &
+RSS_PID=$!
+run_wrk login-flood "$SECONDS_SHORT" 400 -s load-tests/wrk/login.lua "$BASE/api/v1/sessions"
+kill $RSS_PID 2>/dev/null || true
+kill -TERM $SERVER_PID; wait $SERVER_PID || true
+LOGIN_RSS=$(sort -n "$WORK/login-rss.txt" | tail -n1)
+non2xx() { awk '/Non-2xx/ {print $NF}' "$WORK/$1.out"; }
+
 H=$(rps healthz); S=$(rps soldout); R=$(rps reserve)
 R201=$(python3 -c "print(round($CREATED / $SECONDS_RESERVE))")
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
@@ -171,6 +198,19 @@ REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
   echo "- CPU during the reservation run, as % of one core (and per durable reservation at the run's 201 rate): $CPU_LINE."
   echo "- Server resident memory peak: $(( ${RSS_PEAK:-0} / 1024 )) MiB."
   echo "- GET /admin/v1/actors polled every second during the reservation run: $(wc -l < "$WORK/poll.txt") polls, slowest $(sort -n "$WORK/poll.txt" | tail -n1) s."
+  echo
+  echo "## Hostile clients (shipped rate limits on: 1,000 requests/s per IP, 5 purchases/s per buyer)"
+  echo
+  echo "| run | seconds | req/s | ratio to /healthz of this server | p99 ms |"
+  echo "| --- | --- | --- | --- | --- |"
+  LH=$(rps limited-healthz)
+  echo "| GET /healthz | $SECONDS_SHORT | $LH | 1.00 | $(field limited-healthz p99_ms) |"
+  echo "| sold-out sale, one buyer, with a body | $SECONDS_SHORT | $(rps limited-soldout) | $(ratio "$(rps limited-soldout)" "$LH") | $(field limited-soldout p99_ms) |"
+  echo "| purchase without a token, with a body | $SECONDS_SHORT | $(rps limited-unauth) | $(ratio "$(rps limited-unauth)" "$LH") | $(field limited-unauth p99_ms) |"
+  echo
+  echo "- Refusals (non-2xx): $(non2xx limited-soldout) of $(field limited-soldout requests) in the sold-out storm (409, then 429 past the buyer's and the address's quota), $(non2xx limited-unauth) of $(field limited-unauth requests) in the unauthenticated flood (401, then 429). Connect errors: $(field limited-soldout connect_errors) and $(field limited-unauth connect_errors) (a refusal keeps its connection alive)."
+  echo "- Logins of an unknown user, 8 at a time ($SECONDS_SHORT s): $(rps login) answers/s, p50 $(field login p50_ms) ms, p99 $(field login p99_ms) ms: the password-hashing capacity at the shipped argon2 cost (\`auth.argon2_*\`, \`auth.password_hash_threads\` = cores)."
+  echo "- The same with 400 at a time: $(rps login-flood) answers/s (the excess is shed with 503 \`overloaded\` at once); server resident memory peak $(( ${LOGIN_RSS:-0} / 1024 )) MiB."
   echo
   echo "## Rush (goose, throttled to ${BENCH_RUSH_THROTTLE:-15000} requests/s, 256 users, $RUSH_SECONDS s, 100,000 distinct buyers, 50,000 units)"
   echo
