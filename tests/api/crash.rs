@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::helpers::{
-    assert_sale_invariants, cleanup, db_client, held_order_ids, mint_shopper, sale_body,
-    stored_counters, test_settings, uuid_of, wait_ready, ServerProcess, ADMIN_TOKEN,
+    assert_sale_invariants, cleanup, db_client, held_order_ids, mint_shopper, stored_counters,
+    test_settings, uuid_of, wait_ready, ServerProcess, ADMIN_TOKEN,
 };
 
 /// What the server acknowledged about an order: a 201, then perhaps a 200
@@ -193,19 +193,9 @@ async fn the_promises_hold_across_ten_sigkills_at_random_moments() {
         .unwrap_or_else(|e| panic!("{e}"));
     let stock = 20_000i64;
     let mut server = ServerProcess::start(&settings, &client).await;
-    let sale: Value = client
-        .post(format!("{}/admin/v1/sales", server.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&sale_body(
-            json!({"stock_total": stock, "per_user_limit": 2}),
-        ))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .json()
-        .await
-        .unwrap_or_default();
-    let sale_id = uuid_of(&sale["id"]);
+    let sale_id = server
+        .create_sale(&client, json!({"stock_total": stock, "per_user_limit": 2}))
+        .await;
     let tokens: Vec<(Uuid, String)> = (0..4000).map(|_| mint_shopper(&settings)).collect();
     let buyers: RefCell<Vec<Buyer>> =
         RefCell::new((0..tokens.len()).map(|_| Buyer::default()).collect());
@@ -312,19 +302,9 @@ async fn sigterm_mid_load_finishes_in_flight_work_and_exits_cleanly() {
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     let mut server = ServerProcess::start(&settings, &client).await;
-    let sale: Value = client
-        .post(format!("{}/admin/v1/sales", server.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&sale_body(
-            json!({"stock_total": 10_000, "per_user_limit": 1}),
-        ))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .json()
-        .await
-        .unwrap_or_default();
-    let sale_id = uuid_of(&sale["id"]);
+    let sale_id = server
+        .create_sale(&client, json!({"stock_total": 10_000, "per_user_limit": 1}))
+        .await;
     let answered: RefCell<HashSet<Uuid>> = RefCell::new(HashSet::new());
     let refused = Cell::new(0usize);
     let stop = Cell::new(false);

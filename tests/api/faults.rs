@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::helpers::{
     assert_counters_match, assert_sale_invariants, cleanup, db_client, held_order_ids,
-    mint_shopper, sale_body, spawn_app_with, test_settings, uuid_of, wait_for_orders, wait_ready,
+    mint_shopper, spawn_app_with, test_settings, uuid_of, wait_for_orders, wait_ready,
     ServerProcess, ADMIN_TOKEN,
 };
 use crate::proxy::TcpProxy;
@@ -66,17 +66,9 @@ async fn a_restart_keeps_every_sale_closed_until_the_whole_log_is_in_postgres() 
     let settings = test_settings();
     let client = client();
     let mut server = ServerProcess::start(&settings, &client).await;
-    let sale: Value = client
-        .post(format!("{}/admin/v1/sales", server.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&sale_body(json!({"stock_total": 5, "per_user_limit": 1})))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .json()
-        .await
-        .unwrap_or_default();
-    let sale_id = uuid_of(&sale["id"]);
+    let sale_id = server
+        .create_sale(&client, json!({"stock_total": 5, "per_user_limit": 1}))
+        .await;
 
     // The writers are held back: every 201 below waits in RabbitMQ only.
     let locker = db_client(&settings).await;
@@ -412,17 +404,9 @@ async fn sigterm_with_postgres_down_exits_within_the_bound_and_loses_nothing() {
     );
     assert!(wait_ready(&client, &server.base, Duration::from_secs(60)).await);
     let mut server = server;
-    let sale: Value = client
-        .post(format!("{}/admin/v1/sales", server.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&sale_body(json!({"stock_total": 100, "per_user_limit": 1})))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .json()
-        .await
-        .unwrap_or_default();
-    let sale_id = uuid_of(&sale["id"]);
+    let sale_id = server
+        .create_sale(&client, json!({"stock_total": 100, "per_user_limit": 1}))
+        .await;
     database.cut();
     // Orders taken while PostgreSQL is away wait in RabbitMQ.
     let mut sold = Vec::new();

@@ -629,6 +629,22 @@ impl ServerProcess {
         let _ = self.child.wait().await;
     }
 
+    /// Creates a sale (admin) on this server; `overrides` replaces fields of
+    /// a live default. Returns its id.
+    pub async fn create_sale(&self, client: &reqwest::Client, overrides: Value) -> Uuid {
+        let sale: Value = client
+            .post(format!("{}/admin/v1/sales", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&sale_body(overrides))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .json()
+            .await
+            .unwrap_or_default();
+        uuid_of(&sale["id"])
+    }
+
     /// Sends a signal by name (`TERM`, `INT`).
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().unwrap_or_default();
