@@ -73,15 +73,15 @@ pub async fn register(
     validate_username(&username)?;
     validate_password(&password)?;
     check_login_quota(&state, &req, None)?;
-    // A taken name costs no hash (the unique index still decides a race).
+    let busy = |b| ApiError::from_busy(b, state.retry_after_secs);
+    // A place for the hash first: past the pool's capacity the answer costs
+    // no query. A taken name costs no hash (the unique index still decides
+    // a race).
+    let slot = state.passwords.reserve().map_err(busy)?;
     if state.db.user_credentials(&username).await?.is_some() {
         return Err(ApiError::UsernameTaken);
     }
-    let hash = state
-        .passwords
-        .hash(password)
-        .await
-        .map_err(|b| ApiError::from_busy(b, state.retry_after_secs))?;
+    let hash = slot.hash(password).await.map_err(busy)?;
     let id = Uuid::new_v4();
     match state.db.insert_user(id, &username, &hash).await {
         Ok(()) => Ok(HttpResponse::Created().json(UserView { id, username })),
@@ -109,16 +109,14 @@ pub async fn login(
         return Err(ApiError::InvalidCredentials);
     }
     check_login_quota(&state, &req, Some(&username))?;
+    let busy = |b| ApiError::from_busy(b, state.retry_after_secs);
+    let slot = state.passwords.reserve().map_err(busy)?;
     let found = state.db.user_credentials(&username).await?;
     let (user_id, hash) = match found {
         Some((id, hash)) => (Some(id), Some(hash)),
         None => (None, None),
     };
-    let ok = state
-        .passwords
-        .verify(password, hash)
-        .await
-        .map_err(|b| ApiError::from_busy(b, state.retry_after_secs))?;
+    let ok = slot.verify(password, hash).await.map_err(busy)?;
     let user_id = match (user_id, ok) {
         (Some(id), true) => id,
         _ => return Err(ApiError::InvalidCredentials),
