@@ -45,8 +45,6 @@ pub enum ApiError {
     InvalidCredentials,
     #[error("that username is taken")]
     UsernameTaken,
-    #[error("this Idempotency-Key was used before with another quantity or on another sale; use a fresh key for a new purchase")]
-    IdempotencyKeyReused,
     #[error("no such sale")]
     SaleNotFound,
     #[error("no such order")]
@@ -99,7 +97,6 @@ impl ApiError {
             ApiError::Unauthenticated => "unauthenticated",
             ApiError::InvalidCredentials => "invalid_credentials",
             ApiError::UsernameTaken => "username_taken",
-            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::SaleNotFound => "sale_not_found",
             ApiError::OrderNotFound => "order_not_found",
             ApiError::NotFound => "not_found",
@@ -135,7 +132,6 @@ impl ApiError {
             ApiError::Unauthenticated => "Unauthenticated",
             ApiError::InvalidCredentials => "Invalid credentials",
             ApiError::UsernameTaken => "Username taken",
-            ApiError::IdempotencyKeyReused => "Idempotency key reused",
             ApiError::SaleNotFound => "Sale not found",
             ApiError::OrderNotFound => "Order not found",
             ApiError::NotFound => "Not found",
@@ -181,7 +177,7 @@ fn rejection_detail(r: &Rejection) -> String {
         Rejection::Paused => "the sale is paused".to_owned(),
         Rejection::SoldOut { left: 0 } => "the sale is sold out".to_owned(),
         Rejection::SoldOut { left } => format!("only {left} units are left"),
-        Rejection::KeyReused => ApiError::IdempotencyKeyReused.to_string(),
+        Rejection::KeyReused => "this Idempotency-Key was used before with another quantity or on another sale; use a fresh key for a new purchase".to_owned(),
         Rejection::LimitReached { held, limit } => {
             format!("you hold {held} of the {limit} units one buyer may have")
         }
@@ -247,9 +243,9 @@ pub fn problem_response(
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::Invalid(_)
-            | ApiError::IdempotencyKeyReused
-            | ApiError::Rejected(Rejection::KeyReused) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Invalid(_) | ApiError::Rejected(Rejection::KeyReused) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

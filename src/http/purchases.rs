@@ -22,7 +22,7 @@ use super::AppState;
 use crate::actors::registry::{KeyCheck, KeyUse, SaleHandle, SendRefused};
 use crate::actors::stock::{ActionReply, OrderAction, PurchaseReply, Reserve, StockActor};
 use crate::domain::order::{Order, OrderStatus};
-use crate::domain::sale_book::{Action, ActionRefused};
+use crate::domain::sale_book::{Action, ActionRefused, Rejection};
 use crate::domain::ValidationError;
 use crate::metrics::ActionLabels;
 use crate::payments::{PaymentError, PaymentOutcome};
@@ -94,7 +94,8 @@ async fn quantity(req: &HttpRequest, payload: &mut Payload) -> Result<u32, ApiEr
         (status = 401, description = "unauthenticated", body = Problem),
         (status = 404, description = "sale_not_found", body = Problem),
         (status = 409, description = "sold_out, limit_reached, not_started, ended or paused", body = Problem),
-        (status = 422, description = "invalid_input", body = Problem),
+        (status = 422, description = "invalid_input, or idempotency_key_reused (the key was used with another quantity or sale)", body = Problem),
+        (status = 429, description = "rate_limited", body = Problem),
         (status = 503, description = "overloaded or unavailable; see Retry-After", body = Problem)))]
 pub async fn purchase(
     shopper: Shopper,
@@ -120,7 +121,7 @@ pub async fn purchase(
         .as_deref()
         .map(|k| state.registry.keys.check(user, k, wanted))
     {
-        Some(KeyCheck::Reused) => return Err(ApiError::IdempotencyKeyReused),
+        Some(KeyCheck::Reused) => return Err(ApiError::Rejected(Rejection::KeyReused)),
         Some(KeyCheck::Same) => true,
         Some(KeyCheck::New) | None => false,
     };
@@ -141,7 +142,7 @@ pub async fn purchase(
     // claim if it makes the order and drops it if not.
     let claimed = match (&key, replay) {
         (Some(k), false) => match state.registry.keys.claim(user, k, wanted) {
-            KeyCheck::Reused => return Err(ApiError::IdempotencyKeyReused),
+            KeyCheck::Reused => return Err(ApiError::Rejected(Rejection::KeyReused)),
             KeyCheck::New => key.clone(),
             KeyCheck::Same => None,
         },
