@@ -139,6 +139,7 @@ pub struct OrderSettings {
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
     pub recovery_drain_warn_secs: u64,
+    pub directory_evict_after_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

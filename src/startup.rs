@@ -189,6 +189,9 @@ impl Application {
             retry_after_secs: settings.stock.retry_after_secs,
             confirm_timeout: Duration::from_millis(settings.orders.confirm_timeout_ms.max(1)),
         });
+        // Orders PostgreSQL holds leave the in-memory directory.
+        let evict_after = Duration::from_secs(settings.orders.directory_evict_after_secs.max(1));
+        actix::spawn(forget_stored_orders(state.clone(), evict_after));
         // Rate-limit keys that are idle again are forgotten now and then.
         let evicting = state.clone();
         let every = Duration::from_secs(settings.limits.evict_interval_secs.max(1));
@@ -374,6 +377,33 @@ async fn check_broker(settings: &RabbitSettings) -> Result<(), StartupError> {
     let (conn, _) = rabbit::open(settings, "flashsale-startup").await?;
     rabbit::close(&conn, "checked").await;
     Ok(())
+}
+
+/// Every `every`, looks up in PostgreSQL the directory's orders at least
+/// that old and forgets those it holds in the same state. PostgreSQL away:
+/// they stay, and are looked at again next time.
+async fn forget_stored_orders(state: web::Data<AppState>, every: Duration) {
+    const CHUNK: usize = 10_000;
+    loop {
+        tokio::time::sleep(every).await;
+        let candidates = state.registry.orders.older_than(every, 50 * CHUNK);
+        for chunk in candidates.chunks(CHUNK) {
+            let ids: Vec<uuid::Uuid> = chunk.iter().map(|o| o.id).collect();
+            let stored = match state.db.order_statuses(&ids).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "order directory: PostgreSQL not asked this time");
+                    break;
+                }
+            };
+            let written: Vec<_> = chunk
+                .iter()
+                .filter(|o| stored.get(&o.id).map(String::as_str) == Some(o.status.as_str()))
+                .cloned()
+                .collect();
+            state.registry.orders.forget_stored(&written);
+        }
+    }
 }
 
 /// Binds the listener and builds the HTTP server (not yet running).

@@ -199,21 +199,24 @@ impl SaleHandle {
     }
 }
 
-/// Durable orders by id and by user, written by stock actors. Orders are
-/// behind `Arc` so that growing the map moves pointers, not orders.
+/// Durable orders by id and by user, written by stock actors the moment the
+/// order log confirms them: read-your-writes before the order writers have
+/// put them in PostgreSQL. Once PostgreSQL holds an order in the very state
+/// kept here, the entry is forgotten (`forget_stored`, run by a sweeper every
+/// `orders.directory_evict_after_secs`), so the directory holds the orders
+/// of the last few seconds and those the writers lag behind on, not every
+/// order ever made. Orders are behind `Arc` so that growing the map moves
+/// pointers, not orders, and so that a check can tell an entry replaced since.
 #[derive(Default)]
 pub struct OrderDirectory {
-    by_id: DashMap<Uuid, Arc<Order>>,
+    by_id: DashMap<Uuid, (Arc<Order>, std::time::Instant)>,
     by_user: DashMap<Uuid, Vec<Uuid>>,
 }
 
 impl OrderDirectory {
     pub fn upsert(&self, order: &Order) {
-        if self
-            .by_id
-            .insert(order.id, Arc::new(order.clone()))
-            .is_none()
-        {
+        let entry = (Arc::new(order.clone()), std::time::Instant::now());
+        if self.by_id.insert(order.id, entry).is_none() {
             self.by_user
                 .entry(order.user_id)
                 .or_default()
@@ -222,7 +225,47 @@ impl OrderDirectory {
     }
 
     pub fn get(&self, id: Uuid) -> Option<Order> {
-        self.by_id.get(&id).map(|o| o.as_ref().clone())
+        self.by_id.get(&id).map(|e| e.0.as_ref().clone())
+    }
+
+    /// Orders kept for longer than `age` (at most `most`), as kept: the
+    /// ones to look for in PostgreSQL.
+    pub fn older_than(&self, age: std::time::Duration, most: usize) -> Vec<Arc<Order>> {
+        self.by_id
+            .iter()
+            .filter(|e| e.value().1.elapsed() >= age)
+            .take(most)
+            .map(|e| e.value().0.clone())
+            .collect()
+    }
+
+    /// Forgets each of `stored` (found in PostgreSQL in that state) whose
+    /// entry has not been replaced since it was looked at.
+    pub fn forget_stored(&self, stored: &[Arc<Order>]) {
+        for order in stored {
+            let removed = self
+                .by_id
+                .remove_if(&order.id, |_, kept| Arc::ptr_eq(&kept.0, order))
+                .is_some();
+            if !removed {
+                continue;
+            }
+            if let Some(mut ids) = self.by_user.get_mut(&order.user_id) {
+                // An id upserted again meanwhile stays listed.
+                ids.retain(|id| *id != order.id || self.by_id.contains_key(id));
+            }
+            self.by_user
+                .remove_if(&order.user_id, |_, ids| ids.is_empty());
+        }
+    }
+
+    /// Orders kept (for status pages and tests).
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
     }
 
     pub fn for_user(&self, user_id: Uuid) -> Vec<Order> {
@@ -344,5 +387,65 @@ impl SaleRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.sales.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::domain::order::OrderStatus;
+
+    fn order(user: Uuid, status: OrderStatus) -> Order {
+        Order {
+            id: Uuid::now_v7(),
+            sale_id: Uuid::now_v7(),
+            user_id: user,
+            quantity: 1,
+            status,
+            created_at: Utc::now(),
+            expires_at: Utc::now(),
+            paid_at: None,
+            closed_at: None,
+            idempotency_key: None,
+            price_cents: 100,
+            currency: "EUR".into(),
+        }
+    }
+
+    #[test]
+    fn the_directory_forgets_what_postgres_holds_and_keeps_what_changed_since() {
+        let dir = OrderDirectory::default();
+        let user = Uuid::new_v4();
+        let (a, b) = (
+            order(user, OrderStatus::Reserved),
+            order(user, OrderStatus::Reserved),
+        );
+        dir.upsert(&a);
+        dir.upsert(&b);
+        assert!(dir
+            .older_than(std::time::Duration::from_secs(60), 10)
+            .is_empty());
+        let seen = dir.older_than(std::time::Duration::ZERO, 10);
+        assert_eq!(seen.len(), 2);
+        // `b` is paid after it was looked at: its entry is newer than what
+        // PostgreSQL was found to hold, and stays.
+        dir.upsert(&Order {
+            status: OrderStatus::Paid,
+            ..b.clone()
+        });
+        dir.forget_stored(&seen);
+        assert_eq!(dir.len(), 1);
+        assert_eq!(dir.get(a.id), None);
+        assert_eq!(dir.get(b.id).map(|o| o.status), Some(OrderStatus::Paid));
+        assert_eq!(
+            dir.for_user(user).iter().map(|o| o.id).collect::<Vec<_>>(),
+            [b.id]
+        );
+        dir.forget_stored(&dir.older_than(std::time::Duration::ZERO, 10));
+        assert!(dir.is_empty());
+        assert!(dir.for_user(user).is_empty());
+        assert!(dir.by_user.is_empty(), "no empty lists are left behind");
     }
 }

@@ -75,6 +75,8 @@ pub struct PipelineStatus {
     /// Messages ready in the order queue (sampled about once a second).
     pub queue_depth: u32,
     pub writers: WriterPoolStatus,
+    /// Confirmed orders kept in memory for reads until PostgreSQL holds them.
+    pub directory_orders: usize,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -146,6 +148,7 @@ pub async fn actors(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse
                 last_error: p.last_error(),
             },
             queue_depth: p.queue_depth.load(Ordering::Relaxed),
+            directory_orders: state.registry.orders.len(),
             writers: WriterPoolStatus {
                 pool_size: state.writer_pool_size,
                 connected: w.connected.load(Ordering::Relaxed),

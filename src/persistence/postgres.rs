@@ -308,6 +308,21 @@ impl Database {
         .await
     }
 
+    /// The status PostgreSQL holds for each of `ids` that it has.
+    pub async fn order_statuses(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<std::collections::HashMap<Uuid, String>, StoreError> {
+        self.bounded(async {
+            let conn = self.pool.get().await?;
+            let rows = conn
+                .query("SELECT id, status FROM orders WHERE id = ANY($1)", &[&ids])
+                .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await
+    }
+
     /// Decides reservations whose publish was never confirmed, with one
     /// statement: an order PostgreSQL has stands; for every other one a
     /// `void` row takes its id, so that a late copy of the reservation can

@@ -417,3 +417,79 @@ async fn a_reservation_keeps_the_price_it_was_made_at() {
     }
     app.teardown().await;
 }
+
+#[actix_web::test]
+async fn orders_leave_memory_once_postgres_holds_them_and_reads_go_on() {
+    let mut settings = test_settings();
+    settings.orders.directory_evict_after_secs = 1;
+    let app = spawn_app_with(settings).await;
+    let sale = app
+        .create_sale(json!({"stock_total": 100, "per_user_limit": 2}))
+        .await;
+    let sale_id = sale["id"].as_str().unwrap_or_default();
+    let (_, token) = mint_shopper(&app.settings);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, order) = app.purchase(sale_id, &token, None, None).await;
+        assert_eq!(status, 201, "{order}");
+        ids.push(order["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let (status, paid) = app
+        .call(&format!("/api/v1/orders/{}/payment", ids[0]), &token)
+        .await;
+    assert_eq!(status, 200, "{paid}");
+    let directory = || async {
+        let status: Value = app
+            .get("/admin/v1/actors", Some(ADMIN_TOKEN))
+            .await
+            .json()
+            .await
+            .unwrap_or_default();
+        status["pipeline"]["directory_orders"].as_u64()
+    };
+    assert!(directory().await.is_some_and(|n| n > 0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while directory().await != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the directory never emptied"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Read from PostgreSQL now, in their latest states.
+    let list: Value = app
+        .get("/api/v1/orders", Some(&token))
+        .await
+        .json()
+        .await
+        .unwrap_or_default();
+    let mut statuses: Vec<(String, String)> = list["orders"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .map(|o| {
+                    (
+                        o["id"].as_str().unwrap_or_default().to_owned(),
+                        o["status"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    statuses.sort();
+    let mut expected = vec![
+        (ids[0].clone(), "paid".to_owned()),
+        (ids[1].clone(), "reserved".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(statuses, expected);
+    let (status, body) = app
+        .call(&format!("/api/v1/orders/{}/cancel", ids[1]), &token)
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("cancelled")),
+        "{body}"
+    );
+    app.teardown().await;
+}
