@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::helpers::{
     assert_counters_match, assert_sale_invariants, cleanup, db_client, held_order_ids,
-    mint_shopper, spawn_app_with, test_settings, uuid_of, wait_for_orders, wait_ready,
+    mint_shopper, spawn_app_with, test_settings, uuid_of, wait_for, wait_for_orders, wait_ready,
     ServerProcess, ADMIN_TOKEN,
 };
 use crate::proxy::TcpProxy;
@@ -248,11 +248,10 @@ async fn a_broker_cut_loses_no_payment_cancellation_or_expiry() {
     proxy.restore();
 
     // The expiries the outage held up go through once the broker is back.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while app.admin_sale(&sale_id).await["expired"] != 10 {
-        assert!(Instant::now() < deadline, "reservations never expired");
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for("the held-up reservations to expire", || async {
+        app.admin_sale(&sale_id).await["expired"] == 10
+    })
+    .await;
     // Every decision the actor applied is in PostgreSQL, and the stock adds up.
     let view = assert_counters_match(&app, &sale_id).await;
     assert_eq!(view["paid"], 15, "{view}");

@@ -655,3 +655,20 @@ impl ServerProcess {
         assert!(status.success(), "kill -{name} {pid}");
     }
 }
+
+/// Polls `f` every 50 ms until it holds; fails the test after 20 s, naming
+/// `what` was awaited.
+pub async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !f().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

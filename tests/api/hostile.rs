@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
-    assert_problem, mint_shopper, rfc3339, spawn_app, spawn_app_with, test_settings, ADMIN_TOKEN,
+    assert_problem, mint_shopper, rfc3339, spawn_app, spawn_app_with, test_settings, wait_for,
+    ADMIN_TOKEN,
 };
 
 #[actix_web::test]
@@ -448,14 +449,10 @@ async fn orders_leave_memory_once_postgres_holds_them_and_reads_go_on() {
         status["pipeline"]["directory_orders"].as_u64()
     };
     assert!(directory().await.is_some_and(|n| n > 0));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while directory().await != Some(0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the directory never emptied"
-        );
-        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for("the directory to empty", || async {
+        directory().await == Some(0)
+    })
+    .await;
     // Read from PostgreSQL now, in their latest states.
     let list: Value = app
         .get("/api/v1/orders", Some(&token))

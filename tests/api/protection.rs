@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::helpers::{
     assert_problem, assert_sale_invariants, db_client, mint_shopper, spawn_app, spawn_app_with,
-    test_settings, uuid_of, wait_for_orders, TestApp, ADMIN_TOKEN,
+    test_settings, uuid_of, wait_for, wait_for_orders, TestApp, ADMIN_TOKEN,
 };
 use crate::proxy::TcpProxy;
 
@@ -134,21 +134,6 @@ async fn the_per_user_purchase_quota_holds() {
         "a refused attempt reserved nothing"
     );
     app.teardown().await;
-}
-
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !f().await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// `/readyz` as an admin sees it (with the error texts).
