@@ -108,7 +108,9 @@ impl Application {
         let limits = RateLimits::new(&settings.limits).map_err(StartupError::Config)?;
         let mut metrics_registry = Registry::with_prefix(crate::metrics::name::PREFIX);
         let metrics = Metrics::register(&mut metrics_registry);
+        let registry = Arc::new(SaleRegistry::default());
         let writer_config = WriterConfig {
+            directory: registry.clone(),
             metrics: metrics.clone(),
             breakers: breakers.clone(),
             rabbit: settings.rabbitmq.clone(),
@@ -131,7 +133,6 @@ impl Application {
                 breakers: breakers.clone(),
             },
         );
-        let registry = Arc::new(SaleRegistry::default());
         let stock = StockDeps {
             registry: registry.clone(),
             publisher: publisher.clone(),

@@ -61,6 +61,9 @@ pub struct WriterConfig {
     pub database: tokio_postgres::Config,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub breakers: Arc<crate::breaker::Breakers>,
+    /// Told what each write put in PostgreSQL, so that reads of those orders
+    /// go there from now on and memory does not keep them.
+    pub directory: Arc<crate::actors::registry::SaleRegistry>,
 }
 
 pub struct OrderWriter {
@@ -353,6 +356,11 @@ async fn write_messages(
                     .messages_written
                     .fetch_add(messages.len() as u64, Ordering::Relaxed);
                 stats.rows_written.fetch_add(rows, Ordering::Relaxed);
+                config.directory.orders.forget_written(
+                    msgs.iter()
+                        .flat_map(|m| &m.entries)
+                        .map(|e| (e.order_id(), e.order().status)),
+                );
                 return Ok(());
             }
             Err(e @ ApplyError::Malformed(_)) => return Err(e),

@@ -21,7 +21,7 @@ use dashmap::DashMap;
 use uuid::Uuid;
 
 use super::stock::StockActor;
-use crate::domain::order::Order;
+use crate::domain::order::{Order, OrderStatus};
 use crate::domain::sale::Sale;
 use crate::domain::sale_book::{BookCounters, Rejection, SaleBook};
 
@@ -202,10 +202,12 @@ impl SaleHandle {
 /// Durable orders by id and by user, written by stock actors the moment the
 /// order log confirms them: read-your-writes before the order writers have
 /// put them in PostgreSQL. Once PostgreSQL holds an order in the very state
-/// kept here, the entry is forgotten (`forget_stored`, run by a sweeper every
-/// `orders.directory_evict_after_secs`), so the directory holds the orders
-/// of the last few seconds and those the writers lag behind on, not every
-/// order ever made. Orders are behind `Arc` so that growing the map moves
+/// kept here, the entry is forgotten: the order writers say what each write
+/// stored (`forget_written`); an entry they stored before the actor put it
+/// here (the broker may deliver a message before it confirms it) is found
+/// by a slow sweeper that asks PostgreSQL (`older_than`, `forget_stored`,
+/// every `orders.directory_evict_after_secs`). So the directory holds what
+/// the writers lag behind on, not every order ever made. Orders are behind `Arc` so that growing the map moves
 /// pointers, not orders, and so that a check can tell an entry replaced since.
 #[derive(Default)]
 pub struct OrderDirectory {
@@ -247,16 +249,33 @@ impl OrderDirectory {
                 .by_id
                 .remove_if(&order.id, |_, kept| Arc::ptr_eq(&kept.0, order))
                 .is_some();
-            if !removed {
-                continue;
+            if removed {
+                self.unlist(order);
             }
-            if let Some(mut ids) = self.by_user.get_mut(&order.user_id) {
-                // An id upserted again meanwhile stays listed.
-                ids.retain(|id| *id != order.id || self.by_id.contains_key(id));
-            }
-            self.by_user
-                .remove_if(&order.user_id, |_, ids| ids.is_empty());
         }
+    }
+
+    /// Forgets the orders a writer stored, each in the state given, when
+    /// that is still the state kept here (a later change stays until it is
+    /// stored too; an order moves out of `reserved` only once).
+    pub fn forget_written(&self, written: impl Iterator<Item = (Uuid, OrderStatus)>) {
+        for (id, status) in written {
+            if let Some((_, (order, _))) =
+                self.by_id.remove_if(&id, |_, kept| kept.0.status == status)
+            {
+                self.unlist(&order);
+            }
+        }
+    }
+
+    /// Drops a forgotten order from its buyer's list (one upserted again
+    /// meanwhile stays listed).
+    fn unlist(&self, order: &Order) {
+        if let Some(mut ids) = self.by_user.get_mut(&order.user_id) {
+            ids.retain(|id| *id != order.id || self.by_id.contains_key(id));
+        }
+        self.by_user
+            .remove_if(&order.user_id, |_, ids| ids.is_empty());
     }
 
     /// Orders kept (for status pages and tests).
@@ -395,7 +414,6 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::domain::order::OrderStatus;
 
     fn order(user: Uuid, status: OrderStatus) -> Order {
         Order {
@@ -443,7 +461,10 @@ mod tests {
             dir.for_user(user).iter().map(|o| o.id).collect::<Vec<_>>(),
             [b.id]
         );
-        dir.forget_stored(&dir.older_than(std::time::Duration::ZERO, 10));
+        // A writer stored `b` as reserved: the paid entry is newer, it stays.
+        dir.forget_written([(b.id, OrderStatus::Reserved)].into_iter());
+        assert_eq!(dir.len(), 1);
+        dir.forget_written([(b.id, OrderStatus::Paid)].into_iter());
         assert!(dir.is_empty());
         assert!(dir.for_user(user).is_empty());
         assert!(dir.by_user.is_empty(), "no empty lists are left behind");
