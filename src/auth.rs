@@ -236,8 +236,6 @@ pub struct PasswordPool {
     jobs: std::sync::Mutex<std::sync::mpsc::Sender<PasswordJob>>,
     /// One permit for each hash being computed or waiting: `threads + queue`.
     slots: std::sync::Arc<tokio::sync::Semaphore>,
-    /// Threads (for status and sizing).
-    pub threads: usize,
 }
 
 /// A place in the password pool, held from before the database is asked
@@ -292,7 +290,6 @@ impl PasswordPool {
         Ok(PasswordPool {
             jobs: std::sync::Mutex::new(jobs),
             slots: std::sync::Arc::new(tokio::sync::Semaphore::new(threads + queue)),
-            threads,
         })
     }
 

@@ -364,14 +364,6 @@ impl KeyIndex {
         self.uses
             .remove_if(&(user, Box::from(key)), |_, used| used.sale == sale);
     }
-
-    pub fn len(&self) -> usize {
-        self.uses.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.uses.is_empty()
-    }
 }
 
 /// Every sale this process runs, and the order directory.

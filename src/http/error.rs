@@ -10,6 +10,7 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::auth::PasswordBusy;
 use crate::domain::sale_book::Rejection;
 use crate::domain::ValidationError;
 use crate::persistence::postgres::StoreError;
@@ -180,6 +181,19 @@ fn rejection_detail(r: &Rejection) -> String {
         Rejection::KeyReused => "this Idempotency-Key was used before with another quantity or on another sale; use a fresh key for a new purchase".to_owned(),
         Rejection::LimitReached { held, limit } => {
             format!("you hold {held} of the {limit} units one buyer may have")
+        }
+    }
+}
+
+impl ApiError {
+    /// The password pool could not take a hash now.
+    pub fn from_busy(busy: PasswordBusy, retry_after_secs: u32) -> Self {
+        match busy {
+            PasswordBusy::Full => ApiError::Overloaded { retry_after_secs },
+            PasswordBusy::Stopped => ApiError::Unavailable {
+                reason: "the server is shutting down",
+                retry_after_secs,
+            },
         }
     }
 }

@@ -9,7 +9,6 @@ use uuid::Uuid;
 use super::error::{ApiError, Problem};
 use super::json::ApiJson;
 use super::{AppState, ClientIp};
-use crate::auth::PasswordBusy;
 use crate::domain::user::{validate_password, validate_username};
 use crate::persistence::postgres::StoreError;
 
@@ -30,18 +29,6 @@ pub struct UserView {
 pub struct SessionView {
     pub token: String,
     pub expires_at: DateTime<Utc>,
-}
-
-impl ApiError {
-    fn from_busy(busy: PasswordBusy, retry_after_secs: u32) -> Self {
-        match busy {
-            PasswordBusy::Full => ApiError::Overloaded { retry_after_secs },
-            PasswordBusy::Stopped => ApiError::Unavailable {
-                reason: "the server is shutting down",
-                retry_after_secs,
-            },
-        }
-    }
 }
 
 /// Password work from this address (and, for a login, on this username)
@@ -111,11 +98,7 @@ pub async fn login(
     check_login_quota(&state, &req, Some(&username))?;
     let busy = |b| ApiError::from_busy(b, state.retry_after_secs);
     let slot = state.passwords.reserve().map_err(busy)?;
-    let found = state.db.user_credentials(&username).await?;
-    let (user_id, hash) = match found {
-        Some((id, hash)) => (Some(id), Some(hash)),
-        None => (None, None),
-    };
+    let (user_id, hash) = state.db.user_credentials(&username).await?.unzip();
     let ok = slot.verify(password, hash).await.map_err(busy)?;
     let user_id = match (user_id, ok) {
         (Some(id), true) => id,
