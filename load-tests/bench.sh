@@ -11,7 +11,10 @@
 # clients: a sold-out storm from one buyer and an unauthenticated flood (both
 # with a body, as browsers send them; nearly every answer a 429), and logins
 # of an unknown user (the password-hashing capacity, and the memory of a
-# 400-way login flood); and writes a Markdown report under load-tests/reports/.
+# 400-way login flood); then, on a fresh server, 6. a big sale
+# (BENCH_BIG_UNITS units, default 2,000,000, to as many distinct buyers):
+# resident memory per sold unit and the restart time with all of it in
+# PostgreSQL; and writes a Markdown report under load-tests/reports/.
 # Every run is bounded: BENCH_SECONDS (default 10) per ceiling/rejection run,
 # BENCH_RESERVE_SECONDS (default 30) for the reservation run.
 set -euo pipefail
@@ -43,7 +46,9 @@ SERVER_PID=$!
 for _ in $(seq 1 200); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
 curl -sf "$BASE/readyz" >/dev/null || { echo "bench: server not ready" >&2; exit 1; }
 
+BIG_UNITS=${BENCH_BIG_UNITS:-2000000}
 TOKENS=$(( SECONDS_RESERVE * 90000 ))
+[ "$TOKENS" -ge "$BIG_UNITS" ] || TOKENS=$BIG_UNITS
 target/release/flashsale-mint --config load-tests/bench.toml --count "$TOKENS" --out "$WORK/tokens.txt"
 head -n 20000 "$WORK/tokens.txt" > "$WORK/few-tokens.txt"
 
@@ -149,6 +154,55 @@ run_wrk login-flood "$SECONDS_SHORT" 400 -s load-tests/wrk/login.lua "$BASE/api/
 kill $RSS_PID 2>/dev/null || true
 kill -TERM $SERVER_PID; wait $SERVER_PID || true
 LOGIN_RSS=$(sort -n "$WORK/login-rss.txt" | tail -n1)
+
+# 6. A big sale on a fresh server and database: BIG_UNITS units, one per
+# buyer, sold to BIG_UNITS distinct buyers (bounded by BENCH_BIG_SECONDS).
+# Memory is read once the pipeline is idle; then a graceful stop and a
+# start, timed until /readyz answers 200 with every order read back.
+echo "== big sale"
+psql -q -h 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS flashsale_bench WITH (FORCE)' >/dev/null
+for q in flashsale.bench.orders flashsale.bench.dead; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
+target/release/flashsale --config load-tests/bench.toml &
+SERVER_PID=$!
+for _ in $(seq 1 200); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
+BIG=$(sale "$BIG_UNITS" 1)
+sleep 1
+BIG_RSS_BASE=$(ps -o rss= -p $SERVER_PID)
+stock_left() { curl -sf "$BASE/api/v1/sales/$BIG" | python3 -c 'import sys,json; print(json.load(sys.stdin)["stock_left"])'; }
+( while sleep 1; do ps -o rss= -p $SERVER_PID; done ) > "$WORK/big-rss.txt" &
+RSS_PID=$!
+BIG_START=$(date +%s.%N)
+WRK_THREADS=$THREADS wrk -t"$THREADS" -c"$RESERVE_CONNECTIONS" -d"${BENCH_BIG_SECONDS:-300}s" --timeout 5s \
+  -s load-tests/wrk/reserve.lua "$BASE" -- "/api/v1/sales/$BIG/purchases" "$WORK/tokens.txt" > "$WORK/big.out" 2>&1 &
+WRK_PID=$!
+while kill -0 $WRK_PID 2>/dev/null; do
+  [ "$(stock_left)" = "0" ] && { kill -INT $WRK_PID 2>/dev/null || true; break; }
+  sleep 1
+done
+wait $WRK_PID 2>/dev/null || true
+BIG_SECS=$(python3 -c "print(f'{$(date +%s.%N) - $BIG_START:.0f}')")
+BIG_SOLD=$(( BIG_UNITS - $(stock_left) ))
+# Idle pipeline: the queue empty and the directory handed over to PostgreSQL.
+for _ in $(seq 1 120); do
+  DIR=$(curl -sf -H "$ADMIN" "$BASE/admin/v1/actors" | python3 -c 'import sys,json; p=json.load(sys.stdin)["pipeline"]; print(p["directory_orders"])')
+  [ "${DIR:-1}" -lt 1000 ] && break; sleep 1
+done
+sleep 2
+kill $RSS_PID 2>/dev/null || true
+BIG_RSS_SOLD=$(ps -o rss= -p $SERVER_PID)
+BIG_RSS_PEAK=$(sort -n "$WORK/big-rss.txt" | tail -n1)
+BIG_IN_PLAY=$(curl -sf -H "$ADMIN" "$BASE/admin/v1/actors" | python3 -c "import sys,json; print([a for a in json.load(sys.stdin)['stock_actors'] if a['sale_id']=='$BIG'][0]['orders_in_play'])")
+kill -TERM $SERVER_PID; wait $SERVER_PID || true
+BIG_STORED=$(psql -tA -h 127.0.0.1 -U postgres -d flashsale_bench -c "SELECT COUNT(*) FROM orders WHERE sale_id = '$BIG' AND status = 'reserved'")
+RESTART_START=$(date +%s.%N)
+target/release/flashsale --config load-tests/bench.toml &
+SERVER_PID=$!
+for _ in $(seq 1 3000); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
+BIG_RESTART=$(python3 -c "print(f'{$(date +%s.%N) - $RESTART_START:.1f}')")
+sleep 1
+BIG_RSS_RESTART=$(ps -o rss= -p $SERVER_PID)
+kill -TERM $SERVER_PID; wait $SERVER_PID || true
+per_unit() { python3 -c "print(round(($1 - $BIG_RSS_BASE) * 1024 / max($BIG_SOLD, 1)))"; }
 non2xx() { awk '/Non-2xx/ {print $NF}' "$WORK/$1.out"; }
 
 H=$(rps healthz); S=$(rps soldout); R=$(rps reserve)
@@ -219,6 +273,12 @@ REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
   echo "- goose's own tables (requests/s, percentiles) follow. goose counts every non-2xx as an error in its error table, before the scenario marks 409/429/503 as the normal answers they are."
   echo
   sed -n '/Request Metrics/,$p' "$WORK/rush.md" 2>/dev/null | head -n 60
+  echo
+  echo "## A big sale ($BIG_UNITS units, one per buyer, $BIG_UNITS distinct buyers)"
+  echo
+  echo "- Sold $BIG_SOLD units in $BIG_SECS s; PostgreSQL holds $BIG_STORED reserved orders of it. Every order stays reserved (nobody pays), so the stock actor keeps each whole for its deadline: the largest book a sale of this size can have ($BIG_IN_PLAY orders in play when measured)."
+  echo "- Server resident memory: $(( ${BIG_RSS_BASE:-0} / 1024 )) MiB before the sale, $(( ${BIG_RSS_SOLD:-0} / 1024 )) MiB once sold out and the pipeline idle, peak $(( ${BIG_RSS_PEAK:-0} / 1024 )) MiB: **$(per_unit "${BIG_RSS_SOLD:-0}") bytes per sold unit** once idle ($(per_unit "${BIG_RSS_PEAK:-0}") at the peak)."
+  echo "- Restart with all of it in PostgreSQL (graceful stop, start, until /readyz answers 200): $BIG_RESTART s; resident memory after it $(( ${BIG_RSS_RESTART:-0} / 1024 )) MiB ($(per_unit "${BIG_RSS_RESTART:-0}") bytes per sold unit)."
   echo
   echo "Reservation run: $RESERVE_TOTAL answers, $RESERVE_NON2XX of them not 2xx (each request a new buyer, so none should be)."
 } > "$REPORT"

@@ -106,6 +106,7 @@ pub struct StockSettings {
     pub snapshot_interval_ms: u64,
     pub retry_after_secs: u32,
     pub expiry_tick_ms: u64,
+    pub idle_stop_after_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

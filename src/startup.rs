@@ -5,7 +5,6 @@
 //! tests use). [`Application::run_until_stopped`] serves until SIGINT,
 //! SIGTERM or [`ShutdownHandle::stop`], then runs the shutdown script.
 
-use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,8 +24,6 @@ use crate::actors::stock::{Reopen, StockActor, StockDeps};
 use crate::auth::{AdminToken, PasswordPool, Passwords, TokenKeys};
 use crate::breaker::Breakers;
 use crate::config::{RabbitSettings, Settings};
-use crate::domain::order::Order;
-use crate::domain::sale_book::SaleBook;
 use crate::http::json::BodyLimit;
 use crate::http::limits::RateLimits;
 use crate::http::{self, AppState};
@@ -141,6 +138,7 @@ impl Application {
             mailbox_capacity: settings.stock.mailbox_capacity,
             snapshot_interval: Duration::from_millis(settings.stock.snapshot_interval_ms.max(1)),
             expiry_tick: Duration::from_millis(settings.stock.expiry_tick_ms.max(1)),
+            idle_stop_after: Duration::from_secs(settings.stock.idle_stop_after_secs),
             breakers: breakers.clone(),
             arbiter: pipeline_arbiter.handle(),
         };
@@ -458,32 +456,27 @@ async fn start_sales_closed(
         StartupError::Config(format!("recovery could not read PostgreSQL: {e}"))
     };
     let sales = db.list_sales().await.map_err(store)?;
-    let mut orders = orders_by_sale(db.orders_for_recovery().await.map_err(store)?);
     let ids = sales.iter().map(|s| s.id).collect();
-    for sale in sales {
-        let its = orders.remove(&sale.id).unwrap_or_default();
-        StockActor::launch(SaleBook::restore(sale, its), stock, false);
+    for (_, book) in db.restore_books(sales).await.map_err(store)? {
+        StockActor::launch(book, stock, false);
     }
     Ok(ids)
-}
-
-fn orders_by_sale(orders: Vec<Order>) -> HashMap<uuid::Uuid, Vec<Order>> {
-    let mut by_sale: HashMap<uuid::Uuid, Vec<Order>> = HashMap::new();
-    for o in orders {
-        by_sale.entry(o.sale_id).or_default().push(o);
-    }
-    by_sale
 }
 
 /// Opens the sales started closed, once the log is in PostgreSQL: with the
 /// books rebuilt from it when the drain wrote anything (PostgreSQL is read
 /// again until it answers), else with the books read at start.
 async fn reopen_sales(db: &Database, registry: &SaleRegistry, ids: Vec<uuid::Uuid>, reread: bool) {
-    let mut orders = if reread {
+    let mut books = if reread {
+        let sales: Vec<_> = ids
+            .iter()
+            .filter_map(|id| registry.get(*id))
+            .map(|h| h.shared.sale().as_ref().clone())
+            .collect();
         let mut backoff = Duration::from_millis(100);
         loop {
-            match db.orders_for_recovery().await {
-                Ok(all) => break Some(orders_by_sale(all)),
+            match db.restore_books(sales.clone()).await {
+                Ok(all) => break Some(all),
                 Err(e) => {
                     tracing::warn!(error = %e, "recovery: cannot read the orders back yet");
                     tokio::time::sleep(backoff).await;
@@ -496,11 +489,11 @@ async fn reopen_sales(db: &Database, registry: &SaleRegistry, ids: Vec<uuid::Uui
     };
     let count = ids.len();
     for id in ids {
-        let Some(handle) = registry.get(id) else {
+        let Some(addr) = registry.get(id).and_then(|h| h.addr()) else {
             continue;
         };
-        let its = orders.as_mut().map(|o| o.remove(&id).unwrap_or_default());
-        let _ = handle.addr.send(Reopen { orders: its }).await;
+        let book = books.as_mut().and_then(|b| b.remove(&id));
+        let _ = addr.send(Reopen { book }).await;
     }
     tracing::info!(sales = count, "recovery: every sale open");
 }

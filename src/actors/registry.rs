@@ -45,6 +45,8 @@ pub struct SaleShared {
     mailbox_capacity: usize,
     /// Messages the actor has handled (for admin status).
     pub messages_handled: AtomicU64,
+    /// Orders the book keeps whole (for admin status).
+    pub orders_in_play: AtomicUsize,
     /// Redis snapshot bookkeeping.
     pub snapshot_failures: AtomicU64,
     pub snapshot_version: AtomicU64,
@@ -67,6 +69,7 @@ impl SaleShared {
             mailbox_depth: AtomicUsize::new(0),
             mailbox_capacity,
             messages_handled: AtomicU64::new(0),
+            orders_in_play: AtomicUsize::new(0),
             snapshot_failures: AtomicU64::new(0),
             snapshot_version: AtomicU64::new(0),
             snapshot_at_ms: AtomicI64::new(0),
@@ -96,6 +99,8 @@ impl SaleShared {
         self.paid.store(c.paid, Ordering::Relaxed);
         self.expired.store(c.expired, Ordering::Relaxed);
         self.cancelled.store(c.cancelled, Ordering::Relaxed);
+        self.orders_in_play
+            .store(book.orders_in_play(), Ordering::Relaxed);
         self.version.store(book.version(), Ordering::Release);
     }
 
@@ -157,11 +162,17 @@ impl SaleShared {
     }
 }
 
-/// A running sale: its actor and its shared state.
-#[derive(Clone)]
+/// A sale: its shared state and, while it runs, its stock actor. An actor
+/// whose sale ended long enough ago with nothing left in play stops
+/// (`stock.idle_stop_after_secs`) and is started again on demand
+/// (`StockActor::running`); its hints stay here meanwhile, so reads and the
+/// hot "no" never need it.
 pub struct SaleHandle {
-    pub addr: Addr<StockActor>,
+    addr: RwLock<Option<Addr<StockActor>>>,
     pub shared: Arc<SaleShared>,
+    /// Held while a stopped actor is being started again, so that one start
+    /// serves every request that asked for it.
+    pub(super) waking: tokio::sync::Mutex<()>,
 }
 
 /// Why a message was not handed to a stock actor.
@@ -174,6 +185,26 @@ pub enum SendRefused {
 }
 
 impl SaleHandle {
+    pub fn new(addr: Addr<StockActor>, shared: Arc<SaleShared>) -> Self {
+        SaleHandle {
+            addr: RwLock::new(Some(addr)),
+            shared,
+            waking: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The actor's address while it runs.
+    pub fn addr(&self) -> Option<Addr<StockActor>> {
+        match self.addr.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.addr().is_some_and(|a| a.connected())
+    }
+
     /// Hands a purchase or an order action to the actor within the mailbox
     /// bound, never waiting: a full mailbox is an answer, not a queue.
     pub fn send_bounded<M>(&self, msg: M) -> Result<(), SendRefused>
@@ -181,6 +212,15 @@ impl SaleHandle {
         M: actix::Message<Result = ()> + Send + 'static,
         StockActor: actix::Handler<M>,
     {
+        // Held across the send: an idle actor detaches only while no
+        // message is on its way to it (`detach_if_idle`).
+        let guard = match self.addr.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let Some(addr) = guard.as_ref() else {
+            return Err(SendRefused::Stopped);
+        };
         if !self.shared.admit() {
             return Err(SendRefused::MailboxFull);
         }
@@ -189,13 +229,35 @@ impl SaleHandle {
         // messages) reached its capacity, refusing purchases the bound above
         // admitted. Cloning here, not in `SaleRegistry::get`, keeps the
         // answers that never reach the actor free of it.
-        self.addr.clone().try_send(msg).map_err(|e| {
+        addr.clone().try_send(msg).map_err(|e| {
             self.shared.leave();
             match e {
                 actix::prelude::SendError::Full(_) => SendRefused::MailboxFull,
                 actix::prelude::SendError::Closed(_) => SendRefused::Stopped,
             }
         })
+    }
+
+    /// The actor, about to stop, lets go of its address unless a purchase or
+    /// an action is waiting in its mailbox. True when it let go.
+    pub(super) fn detach_if_idle(&self) -> bool {
+        let mut guard = match self.addr.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if self.shared.mailbox_depth() > 0 {
+            return false;
+        }
+        *guard = None;
+        true
+    }
+
+    /// A restarted actor takes its place.
+    pub(super) fn attach(&self, addr: Addr<StockActor>) {
+        match self.addr.write() {
+            Ok(mut g) => *g = Some(addr),
+            Err(poisoned) => *poisoned.into_inner() = Some(addr),
+        }
     }
 }
 

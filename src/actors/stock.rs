@@ -43,6 +43,9 @@ pub enum PurchaseReply {
     Created(Order),
     /// The order this idempotency key made before, durable (HTTP 200).
     Replayed(Order),
+    /// The order this idempotency key made before, settled and no longer
+    /// kept by the actor or the directory: read it from the store (HTTP 200).
+    ReplayedStored(Uuid),
     /// Refused by a rule (HTTP 409).
     Rejected(Rejection),
     /// Too much waits already; nothing was reserved (HTTP 503 overloaded).
@@ -112,12 +115,12 @@ pub enum ChangeError {
 }
 
 /// Opens a sale closed for recovery, once the order log has drained into
-/// PostgreSQL: `orders` (all of the sale's, from PostgreSQL) rebuild its
-/// book; `None` when the drain found nothing, so the book read at start holds.
+/// PostgreSQL: `book` (rebuilt from PostgreSQL) replaces the one read at
+/// start; `None` when the drain found nothing, so the book read at start holds.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Reopen {
-    pub orders: Option<Vec<Order>>,
+    pub book: Option<SaleBook>,
 }
 
 /// Applies an admin change: validated against the units orders hold, written
@@ -157,6 +160,9 @@ pub struct StockActor {
     snapshot_interval: Duration,
     expiry_tick: Duration,
     breakers: Arc<crate::breaker::Breakers>,
+    idle_stop_after: Duration,
+    /// When a purchase, action or change last reached the actor.
+    last_asked: std::time::Instant,
     snapshot_in_flight: bool,
     /// False while recovery drains the order log: nothing is decided.
     open: bool,
@@ -178,6 +184,8 @@ pub struct StockDeps {
     pub snapshot_interval: Duration,
     /// How often due reservations are looked for.
     pub expiry_tick: Duration,
+    /// How long after its sale ended an actor with nothing in play stops.
+    pub idle_stop_after: Duration,
     pub breakers: Arc<crate::breaker::Breakers>,
     /// Where stock actors run: one arbiter for all of them, not the HTTP
     /// workers' (those stop first at shutdown, while orders still settle).
@@ -191,12 +199,22 @@ impl StockActor {
         let shared = Arc::new(SaleShared::new(&book, deps.mailbox_capacity));
         let sale_id = book.sale().id;
         record_keys(&book, &deps.registry);
-        let (actor_shared, owned) = (shared.clone(), deps.clone());
-        let addr = StockActor::start_in_arbiter(&deps.arbiter, move |ctx| {
+        let addr = Self::start(book, shared.clone(), deps, open);
+        deps.registry.insert(sale_id, SaleHandle::new(addr, shared))
+    }
+
+    fn start(
+        book: SaleBook,
+        shared: Arc<SaleShared>,
+        deps: &StockDeps,
+        open: bool,
+    ) -> Addr<StockActor> {
+        let owned = deps.clone();
+        StockActor::start_in_arbiter(&deps.arbiter, move |ctx| {
             ctx.set_mailbox_capacity(owned.mailbox_capacity);
             StockActor {
                 book,
-                shared: actor_shared,
+                shared,
                 registry: owned.registry,
                 publisher: owned.publisher,
                 db: owned.db,
@@ -204,27 +222,76 @@ impl StockActor {
                 snapshot_interval: owned.snapshot_interval,
                 expiry_tick: owned.expiry_tick,
                 breakers: owned.breakers,
+                idle_stop_after: owned.idle_stop_after,
+                last_asked: std::time::Instant::now(),
                 snapshot_in_flight: false,
                 open,
                 waiters: HashMap::new(),
                 settle_to: Arc::new(ctx.address().downgrade().recipient()),
             }
-        });
-        deps.registry.insert(sale_id, SaleHandle { addr, shared })
+        })
+    }
+
+    /// The sale's running actor, started again (its book read from
+    /// PostgreSQL) if it had stopped: one start serves every caller.
+    pub async fn running(
+        handle: &SaleHandle,
+        deps: &StockDeps,
+    ) -> Result<Addr<StockActor>, StoreError> {
+        if let Some(addr) = handle.addr().filter(Addr::connected) {
+            return Ok(addr);
+        }
+        let _one_start = handle.waking.lock().await;
+        if let Some(addr) = handle.addr().filter(Addr::connected) {
+            return Ok(addr);
+        }
+        let sale = handle.shared.sale().as_ref().clone();
+        let book = deps.db.restore_book(sale).await?;
+        handle.shared.publish_stock(&book);
+        record_keys(&book, &deps.registry);
+        let addr = Self::start(book, handle.shared.clone(), deps, true);
+        handle.attach(addr.clone());
+        tracing::info!(sale_id = %handle.shared.sale().id, "stock actor started again");
+        Ok(addr)
+    }
+
+    /// Stops the actor once its sale ended and nobody asked anything of it
+    /// for `idle_stop_after`, with nothing in play: no reservation, no change
+    /// waiting for the order log, no snapshot behind, no message on its way.
+    /// Its hints stay.
+    fn stop_if_idle(&mut self, ctx: &mut Context<Self>) {
+        let ended = self.book.sale().spec.ends_at;
+        let grace =
+            chrono::Duration::from_std(self.idle_stop_after).unwrap_or(chrono::Duration::MAX);
+        if !self.open
+            || Utc::now() < ended + grace
+            || self.last_asked.elapsed() < self.idle_stop_after
+            || self.book.orders_in_play() > 0
+            || !self.waiters.is_empty()
+            || self.snapshot_in_flight
+        {
+            return;
+        }
+        let Some(handle) = self.registry.get(self.book.sale().id) else {
+            return;
+        };
+        if handle.detach_if_idle() {
+            tracing::info!(sale_id = %self.book.sale().id, "stock actor stopped: its sale ended");
+            ctx.stop();
+        }
     }
 
     fn changed(&mut self) {
         self.shared.publish_stock(&self.book);
     }
 
-    /// Answers everyone waiting on order `id`.
-    fn answer(&mut self, id: Uuid, outcome: Outcome) {
+    /// Answers everyone waiting on order `id` (`order`: as now confirmed).
+    fn answer(&mut self, id: Uuid, order: Option<&Order>, outcome: Outcome) {
         let Some(waiters) = self.waiters.remove(&id) else {
             return;
         };
-        let order = self.book.order(id).map(|(o, _)| o.clone());
         for w in waiters {
-            match (w, &order, outcome) {
+            match (w, order, outcome) {
                 (Waiter::Purchase { reply, original }, Some(o), Outcome::Confirmed) => {
                     let _ = reply.send(if original {
                         PurchaseReply::Created(o.clone())
@@ -344,7 +411,10 @@ impl Actor for StockActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.snapshot_interval, |act, ctx| act.snapshot(ctx));
-        ctx.run_interval(self.expiry_tick, |act, _| act.expire_due());
+        ctx.run_interval(self.expiry_tick, |act, ctx| {
+            act.expire_due();
+            act.stop_if_idle(ctx);
+        });
         self.snapshot(ctx);
         self.expire_due();
     }
@@ -355,6 +425,7 @@ impl Handler<Reserve> for StockActor {
 
     fn handle(&mut self, msg: Reserve, _: &mut Self::Context) {
         self.shared.leave();
+        self.last_asked = std::time::Instant::now();
         self.shared.messages_handled.fetch_add(1, Ordering::Relaxed);
         let Reserve {
             user_id,
@@ -404,6 +475,12 @@ impl Handler<Reserve> for StockActor {
             Ok(Reserved::Replay(_, Durability::InDoubt)) => {
                 let _ = reply.send(PurchaseReply::Unavailable);
             }
+            Ok(Reserved::ReplaySettled(id)) => {
+                let _ = reply.send(match self.registry.orders.get(id) {
+                    Some(order) => PurchaseReply::Replayed(order),
+                    None => PurchaseReply::ReplayedStored(id),
+                });
+            }
             Ok(Reserved::New(order)) => {
                 let id = order.id;
                 if let Some(k) = &order.idempotency_key {
@@ -441,6 +518,7 @@ impl Handler<OrderAction> for StockActor {
 
     fn handle(&mut self, msg: OrderAction, _: &mut Self::Context) {
         self.shared.leave();
+        self.last_asked = std::time::Instant::now();
         self.shared.messages_handled.fetch_add(1, Ordering::Relaxed);
         // A reservation past its deadline is expired before anything else is
         // decided about it: payment and expiry cannot both win.
@@ -513,17 +591,18 @@ impl Handler<Settled> for StockActor {
     fn handle(&mut self, msg: Settled, _: &mut Self::Context) {
         self.shared.messages_handled.fetch_add(1, Ordering::Relaxed);
         for id in msg.confirmed {
-            if let Some(order) = self.book.confirm(id) {
+            let order = self.book.confirm(id);
+            if let Some(order) = &order {
                 self.registry.orders.upsert(order);
             }
-            self.answer(id, Outcome::Confirmed);
+            self.answer(id, order.as_ref(), Outcome::Confirmed);
         }
         for id in msg.in_doubt {
             self.book.mark_in_doubt(id);
-            self.answer(id, Outcome::Unavailable);
+            self.answer(id, None, Outcome::Unavailable);
         }
         for id in msg.released {
-            self.answer(id, Outcome::Unavailable);
+            self.answer(id, None, Outcome::Unavailable);
             if let Some(Order {
                 user_id,
                 idempotency_key: Some(key),
@@ -544,6 +623,7 @@ impl Handler<ChangeSale> for StockActor {
 
     fn handle(&mut self, msg: ChangeSale, _: &mut Self::Context) -> Self::Result {
         self.shared.messages_handled.fetch_add(1, Ordering::Relaxed);
+        self.last_asked = std::time::Instant::now();
         if !self.open {
             return AtomicResponse::new(Box::pin(actix::fut::ready(Err(ChangeError::Recovering))));
         }
@@ -597,8 +677,8 @@ impl Handler<Reopen> for StockActor {
     type Result = ();
 
     fn handle(&mut self, msg: Reopen, ctx: &mut Self::Context) {
-        if let Some(orders) = msg.orders {
-            self.book = SaleBook::restore(self.book.sale().clone(), orders);
+        if let Some(book) = msg.book {
+            self.book = book;
             record_keys(&self.book, &self.registry);
         }
         self.open = true;

@@ -4,15 +4,23 @@
 //! so the book needs no locks and its rules can be tested without an actor
 //! system. It tracks remaining units, each buyer's held units, idempotency
 //! keys, reservation deadlines (ordered, so expiry never scans), and every
-//! order with the durability of its latest change: `Pending` until the order
-//! log confirms it, `Durable` after, `InDoubt` when its publish failed with
-//! its fate unknown.
+//! order still in play with the durability of its latest change: `Pending`
+//! until the order log confirms it, `Durable` after, `InDoubt` when its
+//! publish failed with its fate unknown.
 //!
 //! Units are held from the reservation until a cancellation or expiry of it
 //! is *confirmed* by the order log, never earlier: a unit sold again before
 //! its release was durable could, after a crash, be held twice in
 //! PostgreSQL. Payment, cancellation and expiry are decided here, one at a
 //! time, so exactly one of them wins for each order.
+//!
+//! Memory: an order is kept whole (compactly, [`Entry`]) only while a
+//! decision may still change it: reserved, or with a change not yet
+//! durable. Once its final state (paid, cancelled, expired) is durable the
+//! book forgets it and keeps only what decisions need: the units its buyer
+//! holds and, if it had one, its idempotency key (to its id and quantity).
+//! A settled order never changes again, so whoever asks about it is
+//! answered from the order directory or PostgreSQL ([`settled_answer`]).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -44,7 +52,7 @@ pub enum Rejection {
 /// Why a payment or a cancellation was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActionRefused {
-    /// No such order in this sale, or it is another user's.
+    /// No such order in play in this sale, or it is another user's.
     NotFound,
     Expired,
     Cancelled,
@@ -84,14 +92,105 @@ pub enum Reserved {
     New(Order),
     /// The same user and idempotency key already made this order.
     Replay(Order, Durability),
+    /// The same user and idempotency key made this order, which is settled
+    /// and durable: the book no longer keeps it (read it from the store).
+    ReplaySettled(Uuid),
 }
 
+/// How an action on an order in a final state is answered: the same state
+/// again is the order unchanged (`Ok`), anything else is refused. `None` for
+/// a reservation (only its sale's actor decides those).
+pub fn settled_answer(status: OrderStatus, action: Action) -> Option<Result<(), ActionRefused>> {
+    Some(match (action, status) {
+        (_, OrderStatus::Reserved) => return None,
+        (Action::Pay, OrderStatus::Paid) | (Action::Cancel, OrderStatus::Cancelled) => Ok(()),
+        (_, OrderStatus::Expired) => Err(ActionRefused::Expired),
+        (Action::Pay, OrderStatus::Cancelled) => Err(ActionRefused::Cancelled),
+        (Action::Cancel, OrderStatus::Paid) => Err(ActionRefused::Paid),
+    })
+}
+
+/// An order still in play, without what the book knows already (its id is
+/// the map's key, its sale is the book's). About 100 bytes where an
+/// [`Order`] with its strings takes twice that.
 #[derive(Debug, Clone)]
 struct Entry {
-    order: Order,
+    user_id: Uuid,
+    quantity: u32,
+    status: OrderStatus,
     durability: Durability,
     /// Its units are still counted as held (until a release is confirmed).
     holds_units: bool,
+    currency: [u8; 3],
+    price_cents: i64,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    /// `paid_at` or `closed_at`, by status.
+    changed_at: Option<DateTime<Utc>>,
+    idempotency_key: Option<Box<str>>,
+}
+
+/// Three letters; anything else (never accepted by sale validation) as "XXX".
+fn currency_code(s: &str) -> [u8; 3] {
+    match s.as_bytes() {
+        [a, b, c] => [*a, *b, *c],
+        _ => *b"XXX",
+    }
+}
+
+impl Entry {
+    fn of(order: &Order, durability: Durability, holds_units: bool) -> Self {
+        Entry {
+            user_id: order.user_id,
+            quantity: order.quantity,
+            status: order.status,
+            durability,
+            holds_units,
+            currency: currency_code(&order.currency),
+            price_cents: order.price_cents,
+            created_at: order.created_at,
+            expires_at: order.expires_at,
+            changed_at: order.paid_at.or(order.closed_at),
+            idempotency_key: order.idempotency_key.as_deref().map(Box::from),
+        }
+    }
+
+    fn order(&self, id: Uuid, sale_id: Uuid) -> Order {
+        let (paid_at, closed_at) = match self.status {
+            OrderStatus::Paid => (self.changed_at, None),
+            OrderStatus::Cancelled | OrderStatus::Expired => (None, self.changed_at),
+            OrderStatus::Reserved => (None, None),
+        };
+        Order {
+            id,
+            sale_id,
+            user_id: self.user_id,
+            quantity: self.quantity,
+            status: self.status,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            paid_at,
+            closed_at,
+            idempotency_key: self.idempotency_key.as_deref().map(str::to_owned),
+            price_cents: self.price_cents,
+            currency: String::from_utf8_lossy(&self.currency).into_owned(),
+        }
+    }
+
+    /// Durable in a final state with its units released if they go back:
+    /// nothing about it can change again.
+    fn settled(&self) -> bool {
+        self.durability == Durability::Durable
+            && self.status != OrderStatus::Reserved
+            && self.holds_units == self.status.holds_units()
+    }
+}
+
+/// The order an idempotency key made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyedOrder {
+    id: Uuid,
+    quantity: u32,
 }
 
 /// Per-sale counters in units, as PostgreSQL will count them once the order
@@ -110,11 +209,11 @@ pub struct SaleBook {
     remaining: u32,
     /// Units each user holds in reserved and paid orders of this sale.
     held_by: HashMap<Uuid, u32>,
-    /// (user, idempotency key) → order id, for replays.
-    keys: HashMap<(Uuid, String), Uuid>,
-    /// Every order of this sale this process knows about. Boxed: when the map
-    /// grows (hundreds of thousands of orders in a big sale) a rehash moves
-    /// pointers, not orders, so it never stalls the actor for long.
+    /// (user, idempotency key) → the order it made, for replays.
+    keys: HashMap<(Uuid, Box<str>), KeyedOrder>,
+    /// Orders still in play (not settled). Boxed: when the map grows
+    /// (hundreds of thousands of reservations in a big sale) a rehash moves
+    /// pointers, not entries, so it never stalls the actor for long.
     orders: HashMap<Uuid, Box<Entry>>,
     /// Deadlines of reserved orders, earliest first.
     deadlines: BTreeSet<(DateTime<Utc>, Uuid)>,
@@ -143,34 +242,41 @@ impl SaleBook {
         }
     }
 
-    /// Rebuilds a book from the orders PostgreSQL holds (recovery): units of
-    /// reserved and paid orders are held, reserved orders get their deadline
-    /// back (one already past expires at the actor's first tick), and every
-    /// order keeps its idempotency key.
+    /// Rebuilds a book from the orders PostgreSQL holds (recovery).
     pub fn restore(sale: Sale, orders: impl IntoIterator<Item = Order>) -> Self {
         let mut book = SaleBook::new(sale);
         for order in orders {
-            book.counters_add(order.status, order.quantity);
-            let holds_units = order.status.holds_units();
-            if holds_units {
-                book.hold(&order);
-            }
-            if order.status == OrderStatus::Reserved {
-                book.deadlines.insert((order.expires_at, order.id));
-            }
-            if let Some(key) = &order.idempotency_key {
-                book.keys.insert((order.user_id, key.clone()), order.id);
-            }
-            book.orders.insert(
-                order.id,
-                Box::new(Entry {
-                    order,
-                    durability: Durability::Durable,
-                    holds_units,
-                }),
-            );
+            book.restore_one(&order);
         }
         book
+    }
+
+    /// Adds one order PostgreSQL holds (recovery reads them one row at a
+    /// time): units of reserved and paid orders are held, reserved orders get
+    /// their deadline back (one already past expires at the actor's first
+    /// tick) and are kept whole; every order keeps its idempotency key.
+    pub fn restore_one(&mut self, order: &Order) {
+        self.counters_add(order.status, order.quantity);
+        let holds_units = order.status.holds_units();
+        if holds_units {
+            self.hold(order.user_id, order.quantity);
+        }
+        if let Some(key) = &order.idempotency_key {
+            self.keys.insert(
+                (order.user_id, Box::from(key.as_str())),
+                KeyedOrder {
+                    id: order.id,
+                    quantity: order.quantity,
+                },
+            );
+        }
+        if order.status == OrderStatus::Reserved {
+            self.deadlines.insert((order.expires_at, order.id));
+            self.orders.insert(
+                order.id,
+                Box::new(Entry::of(order, Durability::Durable, holds_units)),
+            );
+        }
     }
 
     pub fn sale(&self) -> &Sale {
@@ -197,16 +303,21 @@ impl SaleBook {
         self.sale.status(now, i64::from(self.remaining))
     }
 
-    pub fn order(&self, id: Uuid) -> Option<(&Order, Durability)> {
-        self.orders.get(&id).map(|e| (&e.order, e.durability))
+    /// An order still in play, as it stands now.
+    pub fn order(&self, id: Uuid) -> Option<(Order, Durability)> {
+        self.orders
+            .get(&id)
+            .map(|e| (e.order(id, self.sale.id), e.durability))
     }
 
-    /// Orders that are not yet durable and whose fate is unknown.
-    pub fn in_doubt(&self) -> impl Iterator<Item = &Order> {
-        self.orders
-            .values()
-            .filter(|e| e.durability == Durability::InDoubt)
-            .map(|e| &e.order)
+    /// Orders still in play (reserved, or with a change not yet durable).
+    pub fn orders_in_play(&self) -> usize {
+        self.orders.len()
+    }
+
+    /// Buyers holding units of this sale.
+    pub fn buyers(&self) -> usize {
+        self.held_by.len()
     }
 
     fn counter(&mut self, status: OrderStatus) -> &mut u64 {
@@ -228,17 +339,17 @@ impl SaleBook {
         self.counters_add(to, quantity);
     }
 
-    fn hold(&mut self, order: &Order) {
-        self.remaining = self.remaining.saturating_sub(order.quantity);
-        *self.held_by.entry(order.user_id).or_insert(0) += order.quantity;
+    fn hold(&mut self, user_id: Uuid, quantity: u32) {
+        self.remaining = self.remaining.saturating_sub(quantity);
+        *self.held_by.entry(user_id).or_insert(0) += quantity;
     }
 
-    fn unhold(&mut self, order: &Order) {
-        self.remaining += order.quantity;
-        if let Some(h) = self.held_by.get_mut(&order.user_id) {
-            *h = h.saturating_sub(order.quantity);
+    fn unhold(&mut self, user_id: Uuid, quantity: u32) {
+        self.remaining += quantity;
+        if let Some(h) = self.held_by.get_mut(&user_id) {
+            *h = h.saturating_sub(quantity);
             if *h == 0 {
-                self.held_by.remove(&order.user_id);
+                self.held_by.remove(&user_id);
             }
         }
     }
@@ -253,14 +364,16 @@ impl SaleBook {
         idempotency_key: Option<String>,
         now: DateTime<Utc>,
     ) -> Result<Reserved, Rejection> {
-        if let Some(key) = &idempotency_key {
-            if let Some(id) = self.keys.get(&(user_id, key.clone())) {
-                if let Some(e) = self.orders.get(id) {
-                    if e.order.quantity != quantity {
-                        return Err(Rejection::KeyReused);
-                    }
-                    return Ok(Reserved::Replay(e.order.clone(), e.durability));
+        let key: Option<Box<str>> = idempotency_key.map(String::into_boxed_str);
+        if let Some(k) = &key {
+            if let Some(made) = self.keys.get(&(user_id, k.clone())) {
+                if made.quantity != quantity {
+                    return Err(Rejection::KeyReused);
                 }
+                return Ok(match self.order(made.id) {
+                    Some((order, durability)) => Reserved::Replay(order, durability),
+                    None => Reserved::ReplaySettled(made.id),
+                });
             }
         }
         let spec = &self.sale.spec;
@@ -283,52 +396,54 @@ impl SaleBook {
                 left: self.remaining,
             });
         }
-        let order = Order {
-            id: Uuid::now_v7(),
-            sale_id: self.sale.id,
+        let id = Uuid::now_v7();
+        let entry = Entry {
             user_id,
             quantity,
             status: OrderStatus::Reserved,
+            durability: Durability::Pending,
+            holds_units: true,
+            currency: currency_code(&spec.currency),
+            price_cents: spec.price_cents,
             created_at: now,
             expires_at: now + Duration::seconds(spec.reservation_ttl_secs),
-            paid_at: None,
-            closed_at: None,
-            idempotency_key,
-            price_cents: spec.price_cents,
-            currency: spec.currency.clone(),
+            changed_at: None,
+            idempotency_key: key,
         };
-        self.hold(&order);
+        let order = entry.order(id, self.sale.id);
+        self.hold(user_id, quantity);
         self.counters_add(OrderStatus::Reserved, quantity);
-        if let Some(key) = &order.idempotency_key {
-            self.keys.insert((user_id, key.clone()), order.id);
+        if let Some(k) = &entry.idempotency_key {
+            self.keys
+                .insert((user_id, k.clone()), KeyedOrder { id, quantity });
         }
-        self.deadlines.insert((order.expires_at, order.id));
-        self.orders.insert(
-            order.id,
-            Box::new(Entry {
-                order: order.clone(),
-                durability: Durability::Pending,
-                holds_units: true,
-            }),
-        );
+        self.deadlines.insert((entry.expires_at, id));
+        self.orders.insert(id, Box::new(entry));
         self.version += 1;
         Ok(Reserved::New(order))
     }
 
     /// The order log confirmed the order's latest change (also one that was
     /// in doubt and turned out to be in PostgreSQL). A confirmed cancellation
-    /// or expiry gives its units back now, exactly once. Returns the order.
-    pub fn confirm(&mut self, id: Uuid) -> Option<&Order> {
+    /// or expiry gives its units back now, exactly once. Returns the order;
+    /// one now settled leaves the book.
+    pub fn confirm(&mut self, id: Uuid) -> Option<Order> {
         let e = self.orders.get_mut(&id)?;
         e.durability = Durability::Durable;
-        let release = e.holds_units && !e.order.status.holds_units();
+        let release = e.holds_units && !e.status.holds_units();
         if release {
             e.holds_units = false;
-            let order = e.order.clone();
-            self.unhold(&order);
+        }
+        let (user, quantity, settled) = (e.user_id, e.quantity, e.settled());
+        let order = e.order(id, self.sale.id);
+        if release {
+            self.unhold(user, quantity);
             self.version += 1;
         }
-        self.orders.get(&id).map(|e| &e.order)
+        if settled {
+            self.orders.remove(&id);
+        }
+        Some(order)
     }
 
     /// The order's publish failed with its fate unknown: keep its units held.
@@ -346,28 +461,26 @@ impl SaleBook {
     /// is never released this way.
     pub fn release(&mut self, id: Uuid) -> Option<Order> {
         match self.orders.get(&id) {
-            Some(e)
-                if e.durability != Durability::Durable
-                    && e.order.status == OrderStatus::Reserved => {}
+            Some(e) if e.durability != Durability::Durable && e.status == OrderStatus::Reserved => {
+            }
             _ => return None,
         }
         let e = self.orders.remove(&id)?;
-        self.deadlines.remove(&(e.order.expires_at, id));
-        self.unhold(&e.order);
-        self.counters.reserved = self
-            .counters
-            .reserved
-            .saturating_sub(u64::from(e.order.quantity));
-        if let Some(key) = &e.order.idempotency_key {
-            self.keys.remove(&(e.order.user_id, key.clone()));
+        self.deadlines.remove(&(e.expires_at, id));
+        self.unhold(e.user_id, e.quantity);
+        self.counters.reserved = self.counters.reserved.saturating_sub(u64::from(e.quantity));
+        if let Some(key) = &e.idempotency_key {
+            self.keys.remove(&(e.user_id, key.clone()));
         }
         self.version += 1;
-        Some(e.order)
+        Some(e.order(id, self.sale.id))
     }
 
     /// Decides a payment or cancellation without changing the book. The
     /// caller expires due reservations first (`due` + `apply_change`), so a
-    /// reservation past its deadline is already expired here.
+    /// reservation past its deadline is already expired here. An order no
+    /// longer in play is `NotFound` here: the caller answers a settled one
+    /// from the store with [`settled_answer`].
     pub fn plan(
         &self,
         id: Uuid,
@@ -376,32 +489,31 @@ impl SaleBook {
         now: DateTime<Utc>,
     ) -> Result<Plan, ActionRefused> {
         let e = self.orders.get(&id).ok_or(ActionRefused::NotFound)?;
-        if e.order.user_id != user_id {
+        if e.user_id != user_id {
             return Err(ActionRefused::NotFound);
         }
-        let o = &e.order;
-        match (action, o.status) {
-            (Action::Pay, OrderStatus::Paid) | (Action::Cancel, OrderStatus::Cancelled) => {
-                Ok(Plan::Unchanged(o.clone(), e.durability))
-            }
-            (_, OrderStatus::Expired) => Err(ActionRefused::Expired),
-            (Action::Pay, OrderStatus::Cancelled) => Err(ActionRefused::Cancelled),
-            (Action::Cancel, OrderStatus::Paid) => Err(ActionRefused::Paid),
-            (_, OrderStatus::Reserved) if e.durability != Durability::Durable => {
-                Err(ActionRefused::NotDurable)
-            }
-            (_, OrderStatus::Reserved) if now >= o.expires_at => Err(ActionRefused::Expired),
-            (Action::Pay, OrderStatus::Reserved) => Ok(Plan::Change(Order {
+        let o = e.order(id, self.sale.id);
+        if let Some(answer) = settled_answer(o.status, action) {
+            return answer.map(|()| Plan::Unchanged(o, e.durability));
+        }
+        if e.durability != Durability::Durable {
+            return Err(ActionRefused::NotDurable);
+        }
+        if now >= o.expires_at {
+            return Err(ActionRefused::Expired);
+        }
+        Ok(Plan::Change(match action {
+            Action::Pay => Order {
                 status: OrderStatus::Paid,
                 paid_at: Some(now),
-                ..o.clone()
-            })),
-            (Action::Cancel, OrderStatus::Reserved) => Ok(Plan::Change(Order {
+                ..o
+            },
+            Action::Cancel => Order {
                 status: OrderStatus::Cancelled,
                 closed_at: Some(now),
-                ..o.clone()
-            })),
-        }
+                ..o
+            },
+        }))
     }
 
     /// Durable reservations whose deadline has passed, in their expired
@@ -411,15 +523,15 @@ impl SaleBook {
         self.deadlines
             .iter()
             .take_while(|(at, _)| *at <= now)
-            .filter_map(|(_, id)| self.orders.get(id))
-            .filter(|e| {
-                e.order.status == OrderStatus::Reserved && e.durability == Durability::Durable
+            .filter_map(|(_, id)| self.orders.get(id).map(|e| (id, e)))
+            .filter(|(_, e)| {
+                e.status == OrderStatus::Reserved && e.durability == Durability::Durable
             })
             .take(limit)
-            .map(|e| Order {
+            .map(|(id, e)| Order {
                 status: OrderStatus::Expired,
                 closed_at: Some(now),
-                ..e.order.clone()
+                ..e.order(*id, self.sale.id)
             })
             .collect()
     }
@@ -431,8 +543,9 @@ impl SaleBook {
         let Some(e) = self.orders.get_mut(&next.id) else {
             return;
         };
-        let (from, quantity, deadline) = (e.order.status, e.order.quantity, e.order.expires_at);
-        e.order = next.clone();
+        let (from, quantity, deadline) = (e.status, e.quantity, e.expires_at);
+        e.status = next.status;
+        e.changed_at = next.paid_at.or(next.closed_at);
         e.durability = Durability::Pending;
         self.deadlines.remove(&(deadline, next.id));
         self.counters_move(from, next.status, quantity);
@@ -441,12 +554,9 @@ impl SaleBook {
 
     /// (buyer, key, quantity) of every order made with an idempotency key.
     pub fn keyed_orders(&self) -> impl Iterator<Item = (Uuid, &str, u32)> {
-        self.orders.values().filter_map(|e| {
-            let o = &e.order;
-            o.idempotency_key
-                .as_deref()
-                .map(|k| (o.user_id, k, o.quantity))
-        })
+        self.keys
+            .iter()
+            .map(|((user, key), made)| (*user, &**key, made.quantity))
     }
 
     /// Reservations waiting for their deadline (for status pages).
@@ -463,7 +573,6 @@ impl SaleBook {
         self.version += 1;
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,7 +717,7 @@ mod tests {
         let o = new_order(book.reserve(u, 1, Some("k".into()), now));
         book.mark_in_doubt(o.id);
         assert_eq!(book.stock_left(), 1);
-        assert_eq!(book.in_doubt().count(), 1);
+        assert_eq!(book.order(o.id).map(|(_, d)| d), Some(Durability::InDoubt));
         match book.reserve(u, 1, Some("k".into()), now) {
             Ok(Reserved::Replay(_, Durability::InDoubt)) => {}
             other => panic!("{other:?}"),
@@ -631,7 +740,7 @@ mod tests {
         let o = new_order(book.reserve(Uuid::new_v4(), 1, None, Utc::now()));
         book.mark_in_doubt(o.id);
         assert!(book.confirm(o.id).is_some());
-        assert_eq!(book.in_doubt().count(), 0);
+        assert_eq!(book.order(o.id).map(|(_, d)| d), Some(Durability::Durable));
         assert_eq!(book.release(o.id), None);
         assert_eq!(book.stock_left(), 1);
     }
@@ -716,14 +825,20 @@ mod tests {
         // A second confirm (a redelivered settle) gives nothing back twice.
         book.confirm(o.id);
         assert_eq!(book.stock_left(), 1);
-        // Repeating the cancel is harmless; paying it is refused.
-        assert!(matches!(
-            book.plan(o.id, o.user_id, Action::Cancel, now),
-            Ok(Plan::Unchanged(_, Durability::Durable))
-        ));
+        // Settled: the book forgets the order; repeating the cancel is
+        // answered from the store as unchanged, paying it is refused.
+        assert_eq!(book.orders_in_play(), 0);
         assert_eq!(
-            book.plan(o.id, o.user_id, Action::Pay, now),
-            Err(ActionRefused::Cancelled)
+            book.plan(o.id, o.user_id, Action::Cancel, now),
+            Err(ActionRefused::NotFound)
+        );
+        assert_eq!(
+            settled_answer(OrderStatus::Cancelled, Action::Cancel),
+            Some(Ok(()))
+        );
+        assert_eq!(
+            settled_answer(OrderStatus::Cancelled, Action::Pay),
+            Some(Err(ActionRefused::Cancelled))
         );
         // The same user may buy again.
         new_order(book.reserve(o.user_id, 1, None, now));
@@ -769,15 +884,76 @@ mod tests {
                 cancelled: 0
             }
         );
-        // After its deadline a payment is refused, and a paid order keeps its unit.
+        // Every order is settled: the book keeps none of them whole, and
+        // the paid one's unit stays held by its buyer.
+        assert_eq!(book.orders_in_play(), 0);
+        assert_eq!(book.buyers(), 1);
+        assert_eq!(
+            book.reserve(b.user_id, 1, None, t0),
+            Err(Rejection::LimitReached { held: 1, limit: 1 })
+        );
         assert_eq!(
             book.plan(a.id, a.user_id, Action::Pay, c.expires_at),
-            Err(ActionRefused::Expired)
+            Err(ActionRefused::NotFound)
         );
         assert_eq!(
-            book.plan(b.id, b.user_id, Action::Cancel, c.expires_at),
-            Err(ActionRefused::Paid)
+            settled_answer(OrderStatus::Expired, Action::Pay),
+            Some(Err(ActionRefused::Expired))
         );
+        assert_eq!(
+            settled_answer(OrderStatus::Paid, Action::Cancel),
+            Some(Err(ActionRefused::Paid))
+        );
+        assert_eq!(settled_answer(OrderStatus::Reserved, Action::Pay), None);
+    }
+
+    #[test]
+    fn a_settled_order_keeps_only_its_key_and_held_units() {
+        let mut book = SaleBook::new(sale(5, 2));
+        let now = Utc::now();
+        let u = Uuid::new_v4();
+        let o = new_order(book.reserve(u, 2, Some("k".into()), now));
+        book.confirm(o.id);
+        let paid = change(book.plan(o.id, u, Action::Pay, now));
+        book.apply_change(paid.clone());
+        // Paid, not yet durable: still whole, a repeat waits for it.
+        assert!(matches!(
+            book.plan(o.id, u, Action::Pay, now),
+            Ok(Plan::Unchanged(_, Durability::Pending))
+        ));
+        assert_eq!(book.confirm(o.id), Some(paid.clone()));
+        assert_eq!(book.order(o.id), None);
+        assert_eq!(book.orders_in_play(), 0);
+        assert_eq!(book.stock_left(), 3);
+        assert_eq!(
+            book.reserve(u, 1, Some("k".into()), now),
+            Err(Rejection::KeyReused)
+        );
+        assert_eq!(
+            book.reserve(u, 2, Some("k".into()), now),
+            Ok(Reserved::ReplaySettled(o.id))
+        );
+        assert_eq!(
+            book.reserve(u, 1, None, now),
+            Err(Rejection::LimitReached { held: 2, limit: 2 })
+        );
+        // A restored book keeps the same, and no entry for it either.
+        let again = SaleBook::restore(book.sale().clone(), [paid]);
+        assert_eq!(again.orders_in_play(), 0);
+        assert_eq!(again.stock_left(), 3);
+        assert_eq!(again.keyed_orders().collect::<Vec<_>>(), [(u, "k", 2)]);
+    }
+
+    #[test]
+    fn an_order_comes_back_from_its_entry_as_it_went_in() {
+        let mut book = SaleBook::new(sale(5, 2));
+        let now = Utc::now();
+        let o = new_order(book.reserve(Uuid::new_v4(), 2, Some("key".into()), now));
+        assert_eq!(book.order(o.id), Some((o.clone(), Durability::Pending)));
+        assert_eq!(o.currency, "EUR");
+        assert_eq!(o.price_cents, 100);
+        assert_eq!(o.idempotency_key.as_deref(), Some("key"));
+        assert_eq!(o.sale_id, book.sale().id);
     }
 
     #[test]

@@ -31,6 +31,12 @@ pub struct StockActorStatus {
     pub cancelled: u64,
     pub mailbox_depth: usize,
     pub messages_handled: u64,
+    /// False once the actor stopped because its sale ended
+    /// (`stock.idle_stop_after_secs`); it starts again when needed.
+    pub running: bool,
+    /// Orders its book keeps whole: reserved, or with a change not yet
+    /// durable. Settled orders leave it.
+    pub orders_in_play: usize,
     /// Bumped on every change of the sale's state.
     pub version: u64,
     /// The version last written to Redis, and when.
@@ -112,6 +118,8 @@ pub async fn actors(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse
                 cancelled: c.cancelled,
                 mailbox_depth: s.mailbox_depth(),
                 messages_handled: s.messages_handled.load(Ordering::Relaxed),
+                running: h.is_running(),
+                orders_in_play: s.orders_in_play.load(Ordering::Relaxed),
                 version: s.version.load(Ordering::Relaxed),
                 snapshot_version: s.snapshot_version.load(Ordering::Relaxed),
                 last_snapshot_at: (at > 0)

@@ -19,10 +19,14 @@ use super::error::{ApiError, Problem};
 use super::json::{is_json, parse_json, read_body};
 use super::sales::sale_id;
 use super::AppState;
+use std::sync::Arc;
+
+use actix::Addr;
+
 use crate::actors::registry::{KeyCheck, KeyUse, SaleHandle, SendRefused};
 use crate::actors::stock::{ActionReply, OrderAction, PurchaseReply, Reserve, StockActor};
 use crate::domain::order::{Order, OrderStatus};
-use crate::domain::sale_book::{Action, ActionRefused, Rejection};
+use crate::domain::sale_book::{settled_answer, Action, ActionRefused, Rejection};
 use crate::domain::ValidationError;
 use crate::metrics::ActionLabels;
 use crate::payments::{PaymentError, PaymentOutcome};
@@ -173,9 +177,32 @@ pub async fn purchase(
             .insert_header((header::LOCATION, format!("/api/v1/orders/{}", order.id)))
             .json(order)),
         PurchaseReply::Replayed(order) => Ok(HttpResponse::Ok().json(order)),
+        PurchaseReply::ReplayedStored(id) => match stored_order(state, id).await? {
+            Some(order) => Ok(HttpResponse::Ok().json(order)),
+            None => Err(unavailable),
+        },
         PurchaseReply::Rejected(r) => Err(ApiError::Rejected(r)),
         PurchaseReply::Overloaded => Err(ApiError::Overloaded { retry_after_secs }),
         PurchaseReply::Unavailable => Err(unavailable),
+    }
+}
+
+/// The sale's actor, started again if it had stopped (its sale ended):
+/// the start goes on in a task of its own, so a caller that gives up after
+/// `orders.confirm_timeout_ms` leaves it to finish for the next one.
+pub(crate) async fn wake(
+    state: &AppState,
+    handle: &Arc<SaleHandle>,
+) -> Result<Addr<StockActor>, ApiError> {
+    let (handle, deps) = (handle.clone(), state.stock.clone());
+    let start = tokio::spawn(async move { StockActor::running(&handle, &deps).await });
+    match tokio::time::timeout(state.confirm_timeout, start).await {
+        Ok(Ok(Ok(addr))) => Ok(addr),
+        Ok(Ok(Err(e))) => Err(e.into()),
+        Ok(Err(_)) | Err(_) => Err(ApiError::Unavailable {
+            reason: "the sale is starting",
+            retry_after_secs: state.retry_after_secs,
+        }),
     }
 }
 
@@ -184,7 +211,7 @@ pub async fn purchase(
 /// came in time (the order may still become durable).
 async fn ask<M, R>(
     state: &AppState,
-    handle: &SaleHandle,
+    handle: &Arc<SaleHandle>,
     msg: M,
     reply: oneshot::Receiver<R>,
 ) -> Result<Option<R>, ApiError>
@@ -193,6 +220,9 @@ where
     StockActor: actix::Handler<M>,
 {
     let retry_after_secs = state.retry_after_secs;
+    if !handle.is_running() {
+        wake(state, handle).await?;
+    }
     handle.send_bounded(msg).map_err(|refused| match refused {
         SendRefused::MailboxFull => ApiError::Overloaded { retry_after_secs },
         SendRefused::Stopped => ApiError::Unavailable {
@@ -251,17 +281,37 @@ pub async fn get_order(
     }
 }
 
-/// An order of `user_id` (404 for anyone else's): the directory first, then
-/// PostgreSQL (orders made before this process started).
-async fn owned_order(state: &AppState, user_id: Uuid, raw_id: &str) -> Result<Order, ApiError> {
-    let id = order_id(raw_id)?;
-    let order = match state.registry.orders.get(id) {
+/// An order as it stands: the directory first (durable, and at least as
+/// fresh as PostgreSQL), then PostgreSQL.
+async fn stored_order(state: &AppState, id: Uuid) -> Result<Option<Order>, ApiError> {
+    Ok(match state.registry.orders.get(id) {
         Some(o) => Some(o),
         None => state.db.order(id).await?,
-    };
-    order
+    })
+}
+
+/// An order of `user_id` (404 for anyone else's).
+async fn owned_order(state: &AppState, user_id: Uuid, raw_id: &str) -> Result<Order, ApiError> {
+    stored_order(state, order_id(raw_id)?)
+        .await?
         .filter(|o| o.user_id == user_id)
         .ok_or(ApiError::OrderNotFound)
+}
+
+/// The answer to `action` on an order in a final state, which never changes
+/// again: decided from the order as stored, without its sale's actor.
+fn settled(order: &Order, action: Action) -> Option<Result<(Order, bool), ActionRefused>> {
+    settled_answer(order.status, action).map(|answer| answer.map(|()| (order.clone(), false)))
+}
+
+fn refusal(r: ActionRefused, unavailable: ApiError) -> ApiError {
+    match r {
+        ActionRefused::NotFound => ApiError::OrderNotFound,
+        ActionRefused::Expired => ApiError::ReservationExpired,
+        ActionRefused::Cancelled => ApiError::OrderCancelled,
+        ActionRefused::Paid => ApiError::OrderPaid,
+        ActionRefused::NotDurable => unavailable,
+    }
 }
 
 /// Asks the order's stock actor to pay or cancel it, and waits for the
@@ -290,21 +340,28 @@ pub(crate) async fn act(
         reply: tx,
         span: tracing::Span::current(),
     };
-    let unavailable = ApiError::Unavailable {
+    let unavailable = || ApiError::Unavailable {
         reason: "the change could not be made durable in time",
         retry_after_secs,
     };
-    let result = match ask(state, &handle, msg, rx).await? {
-        Some(ActionReply::Done { order, changed }) => Ok((order, changed)),
-        Some(ActionReply::Refused(r)) => Err(match r {
-            ActionRefused::NotFound => ApiError::OrderNotFound,
-            ActionRefused::Expired => ApiError::ReservationExpired,
-            ActionRefused::Cancelled => ApiError::OrderCancelled,
-            ActionRefused::Paid => ApiError::OrderPaid,
-            ActionRefused::NotDurable => unavailable,
-        }),
-        Some(ActionReply::Overloaded) => Err(ApiError::Overloaded { retry_after_secs }),
-        Some(ActionReply::Unavailable) | None => Err(unavailable),
+    let result = match settled(order, action) {
+        Some(answer) => answer.map_err(|r| refusal(r, unavailable())),
+        None => match ask(state, &handle, msg, rx).await? {
+            Some(ActionReply::Done { order, changed }) => Ok((order, changed)),
+            // Settled since it was read: the actor forgot it, the store has it.
+            Some(ActionReply::Refused(ActionRefused::NotFound)) => {
+                match stored_order(state, order.id)
+                    .await?
+                    .and_then(|o| settled(&o, action))
+                {
+                    Some(answer) => answer.map_err(|r| refusal(r, unavailable())),
+                    None => Err(ApiError::OrderNotFound),
+                }
+            }
+            Some(ActionReply::Refused(r)) => Err(refusal(r, unavailable())),
+            Some(ActionReply::Overloaded) => Err(ApiError::Overloaded { retry_after_secs }),
+            Some(ActionReply::Unavailable) | None => Err(unavailable()),
+        },
     };
     let outcome = match &result {
         Ok((_, true)) => "done",

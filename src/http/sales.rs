@@ -216,8 +216,8 @@ async fn change(
     change: SaleChange,
 ) -> Result<HttpResponse, ApiError> {
     let h = handle(state, sale_id(raw_id)?)?;
-    let sale = h
-        .addr
+    let sale = super::purchases::wake(state, &h)
+        .await?
         .send(ChangeSale(change))
         .await
         .map_err(|_| ApiError::Unavailable {

@@ -3,6 +3,7 @@
 //! One pooled [`Database`] serves request handlers and recovery. Queries live
 //! here as methods so that handlers deal in domain types and one error type.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use super::Unreachable;
 use crate::config::DatabaseSettings;
 use crate::domain::order::{Order, OrderStatus};
 use crate::domain::sale::{Sale, SaleSpec};
+use crate::domain::sale_book::SaleBook;
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -250,18 +252,67 @@ impl Database {
 }
 
 impl Database {
-    /// Every order of every sale, except void ones, for rebuilding the stock
-    /// actors' books at start-up. A large store takes longer than the
-    /// statement time-out to read, so this one read goes without it.
-    pub async fn orders_for_recovery(&self) -> Result<Vec<Order>, StoreError> {
+    /// Rebuilds the book of each of `sales` from the orders PostgreSQL holds
+    /// (void ones aside), one row at a time: the rows are never all in memory
+    /// at once, so a store of millions of orders restarts in the memory its
+    /// books take. A large store takes longer than the statement time-out to
+    /// read, so this one read goes without it.
+    pub async fn restore_books(
+        &self,
+        sales: Vec<Sale>,
+    ) -> Result<HashMap<Uuid, SaleBook>, StoreError> {
+        self.restore_into(sales, None).await
+    }
+
+    /// The book of one sale, rebuilt as [`Database::restore_books`] does (a
+    /// stopped stock actor started again on demand).
+    pub async fn restore_book(&self, sale: Sale) -> Result<SaleBook, StoreError> {
+        let (id, fallback) = (sale.id, sale.clone());
+        let mut books = self.restore_into(vec![sale], Some(id)).await?;
+        Ok(books.remove(&id).unwrap_or_else(|| SaleBook::new(fallback)))
+    }
+
+    async fn restore_into(
+        &self,
+        sales: Vec<Sale>,
+        only: Option<Uuid>,
+    ) -> Result<HashMap<Uuid, SaleBook>, StoreError> {
+        use futures_util::StreamExt;
+        let mut books: HashMap<Uuid, SaleBook> = sales
+            .into_iter()
+            .map(|s| (s.id, SaleBook::new(s)))
+            .collect();
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
-        let rows = tx
-            .query(&format!("{ORDER_COLUMNS} WHERE status <> 'void'"), &[])
-            .await?;
+        let rows = match only {
+            Some(id) => {
+                let sql = format!("{ORDER_COLUMNS} WHERE sale_id = $1 AND status <> 'void'");
+                tx.query_raw(
+                    sql.as_str(),
+                    [&id as &(dyn tokio_postgres::types::ToSql + Sync)],
+                )
+                .await?
+            }
+            None => {
+                let sql = format!("{ORDER_COLUMNS} WHERE status <> 'void'");
+                tx.query_raw(
+                    sql.as_str(),
+                    std::iter::empty::<&(dyn tokio_postgres::types::ToSql + Sync)>(),
+                )
+                .await?
+            }
+        };
+        let mut rows = std::pin::pin!(rows);
+        while let Some(row) = rows.next().await {
+            if let Some(order) = order_from_row(&row?) {
+                if let Some(book) = books.get_mut(&order.sale_id) {
+                    book.restore_one(&order);
+                }
+            }
+        }
         tx.commit().await?;
-        Ok(rows.iter().filter_map(order_from_row).collect())
+        Ok(books)
     }
 
     /// One order, whoever owns it (callers check ownership).

@@ -10,6 +10,7 @@ mod faults;
 mod hostile;
 mod http_conventions;
 mod lifecycle;
+mod memory;
 mod observability;
 mod pipeline;
 mod protection;
