@@ -14,7 +14,10 @@
 # 400-way login flood); then, on a fresh server, 6. a big sale
 # (BENCH_BIG_UNITS units, default 2,000,000, to as many distinct buyers):
 # resident memory per sold unit and the restart time with all of it in
-# PostgreSQL; and writes a Markdown report under load-tests/reports/.
+# PostgreSQL; then, on a fresh server, 7. live updates: the reservation rate
+# without and with BENCH_STREAMS (10,000) event streams open, memory per
+# stream, and how soon every stream shows the sale sold out; and writes a
+# Markdown report under load-tests/reports/.
 # Every run is bounded: BENCH_SECONDS (default 10) per ceiling/rejection run,
 # BENCH_RESERVE_SECONDS (default 30) for the reservation run.
 set -euo pipefail
@@ -203,6 +206,50 @@ sleep 1
 BIG_RSS_RESTART=$(ps -o rss= -p $SERVER_PID)
 kill -TERM $SERVER_PID; wait $SERVER_PID || true
 per_unit() { python3 -c "print(round(($1 - $BIG_RSS_BASE) * 1024 / max($BIG_SOLD, 1)))"; }
+
+# 7. Live updates, on a fresh server with no per-address stream limit (every
+# stream comes from 127.0.0.1): durable reservations without event streams,
+# then with BENCH_STREAMS (default 10,000) streams of that sale open; memory
+# per open stream; then the sale is sold out and every stream must show it.
+echo "== event streams"
+STREAMS=${BENCH_STREAMS:-10000}
+STREAM_SECONDS=${BENCH_STREAM_SECONDS:-15}
+psql -q -h 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS flashsale_bench WITH (FORCE)' >/dev/null
+for q in flashsale.bench.orders flashsale.bench.dead; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
+FLASHSALE__EVENTS__MAX_STREAMS_PER_IP=0 target/release/flashsale --config load-tests/bench.toml &
+SERVER_PID=$!
+for _ in $(seq 1 200); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
+LIVE=$(sale 10000000 1)
+sed -n '1,600000p' "$WORK/tokens.txt" > "$WORK/tokens-a.txt"
+sed -n '600001,1200000p' "$WORK/tokens.txt" > "$WORK/tokens-b.txt"
+sed -n '1200001,1300000p' "$WORK/tokens.txt" > "$WORK/tokens-c.txt"
+run_wrk live-without "$STREAM_SECONDS" "$RESERVE_CONNECTIONS" -s load-tests/wrk/reserve.lua "$BASE" -- "/api/v1/sales/$LIVE/purchases" "$WORK/tokens-a.txt"
+sleep 2
+STREAM_RSS0=$(ps -o rss= -p $SERVER_PID)
+python3 load-tests/sse-streams.py --base "$BASE" --sale "$LIVE" --count "$STREAMS" \
+  --seconds $(( STREAM_SECONDS * 2 + 60 )) --out "$WORK/streams.json" > "$WORK/streams.out" 2>&1 &
+SSE_PID=$!
+for _ in $(seq 1 600); do grep -q '^open' "$WORK/streams.out" && break; sleep 0.1; done
+sleep 2
+STREAMS_OPEN=$(awk '/^open/ {print $2}' "$WORK/streams.out")
+STREAM_RSS1=$(ps -o rss= -p $SERVER_PID)
+run_wrk live-with "$STREAM_SECONDS" "$RESERVE_CONNECTIONS" -s load-tests/wrk/reserve.lua "$BASE" -- "/api/v1/sales/$LIVE/purchases" "$WORK/tokens-b.txt"
+STREAM_RSS2=$(ps -o rss= -p $SERVER_PID)
+# Sell the sale out: its stock down to what is held plus 2,000, then buyers
+# until none is left; every stream should show it within a second.
+HELD=$(curl -sf -H "$ADMIN" "$BASE/admin/v1/sales/$LIVE" | python3 -c 'import sys,json; s=json.load(sys.stdin); print(s["stock_total"]-s["stock_left"])')
+curl -sf -X PATCH "$BASE/admin/v1/sales/$LIVE" -H "$ADMIN" -H 'content-type: application/json' -d "{\"stock_total\": $(( HELD + 2000 ))}" >/dev/null
+run_wrk live-sellout 5 "$RESERVE_CONNECTIONS" -s load-tests/wrk/reserve.lua "$BASE" -- "/api/v1/sales/$LIVE/purchases" "$WORK/tokens-c.txt"
+sleep 3
+kill -TERM $SSE_PID 2>/dev/null || true; wait $SSE_PID 2>/dev/null || true
+kill -TERM $SERVER_PID; wait $SERVER_PID || true
+live_201() { local t n; t=$(field "$1" requests); n=$(awk '/Non-2xx/ {print $NF}' "$WORK/$1.out" | head -n1); python3 -c "print(round((${t:-0} - ${n:-0}) / $STREAM_SECONDS))"; }
+LIVE_R0=$(live_201 live-without); LIVE_R1=$(live_201 live-with)
+STREAM_SUMMARY=$(python3 -c "
+import json
+s = json.load(open('$WORK/streams.json'))
+lag = lambda v: 'n/a' if v is None else f'{v:.2f} s'
+print(f\"{s['saw_sold_out']} of {s['requested']} streams showed the sale sold out (max {lag(s['max_lag_s'])}, median {lag(s['median_lag_s'])} after GET /api/v1/sales/{{id}} first said so); {s['errors']} failed to open; {s['events']} events read in all\")")
 non2xx() { awk '/Non-2xx/ {print $NF}' "$WORK/$1.out"; }
 
 H=$(rps healthz); S=$(rps soldout); R=$(rps reserve)
@@ -279,6 +326,17 @@ REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
   echo "- Sold $BIG_SOLD units in $BIG_SECS s; PostgreSQL holds $BIG_STORED reserved orders of it. Every order stays reserved (nobody pays), so the stock actor keeps each whole for its deadline: the largest book a sale of this size can have ($BIG_IN_PLAY orders in play when measured)."
   echo "- Server resident memory: $(( ${BIG_RSS_BASE:-0} / 1024 )) MiB before the sale, $(( ${BIG_RSS_SOLD:-0} / 1024 )) MiB once sold out and the pipeline idle, peak $(( ${BIG_RSS_PEAK:-0} / 1024 )) MiB: **$(per_unit "${BIG_RSS_SOLD:-0}") bytes per sold unit** once idle ($(per_unit "${BIG_RSS_PEAK:-0}") at the peak)."
   echo "- Restart with all of it in PostgreSQL (graceful stop, start, until /readyz answers 200): $BIG_RESTART s; resident memory after it $(( ${BIG_RSS_RESTART:-0} / 1024 )) MiB ($(per_unit "${BIG_RSS_RESTART:-0}") bytes per sold unit)."
+  echo
+  echo "## Live updates (${STREAMS_OPEN:-0} event streams of one sale, from one address)"
+  echo
+  echo "| run | seconds | durable reservations/s | ratio to /healthz |"
+  echo "| --- | --- | --- | --- |"
+  echo "| without event streams | $STREAM_SECONDS | $LIVE_R0 | $(ratio "$LIVE_R0" "$H") |"
+  echo "| with ${STREAMS_OPEN:-0} streams of the sale open | $STREAM_SECONDS | $LIVE_R1 | $(ratio "$LIVE_R1" "$H") |"
+  echo
+  echo "- With the streams open the rate is $(ratio "$LIVE_R1" "$LIVE_R0") of the rate without them (target: within 10%)."
+  echo "- Server resident memory: $(( ${STREAM_RSS0:-0} / 1024 )) MiB before the streams, $(( ${STREAM_RSS1:-0} / 1024 )) MiB with them open: **$(python3 -c "print(round((${STREAM_RSS1:-0} - ${STREAM_RSS0:-0}) * 1024 / max(${STREAMS_OPEN:-0}, 1)))") bytes per open stream** (target: 16 KiB); $(( ${STREAM_RSS2:-0} / 1024 )) MiB after the reservation run with them."
+  echo "- Sell-out: $STREAM_SUMMARY (target: every stream within 1 s)."
   echo
   echo "Reservation run: $RESERVE_TOTAL answers, $RESERVE_NON2XX of them not 2xx (each request a new buyer, so none should be)."
 } > "$REPORT"

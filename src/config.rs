@@ -33,6 +33,18 @@ pub struct Settings {
     pub sales: SalesSettings,
     pub payments: PaymentSettings,
     pub telemetry: TelemetrySettings,
+    pub events: EventSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSettings {
+    pub publish_interval_ms: u64,
+    pub keepalive_secs: u64,
+    pub max_streams: usize,
+    pub max_streams_per_ip: u32,
+    pub admin_interval_ms: u64,
+    pub ticket_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -20,6 +20,7 @@ pub mod breaker;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod live;
 pub mod metrics;
 pub mod payments;
 pub mod persistence;

@@ -139,6 +139,7 @@ impl Application {
             snapshot_interval: Duration::from_millis(settings.stock.snapshot_interval_ms.max(1)),
             expiry_tick: Duration::from_millis(settings.stock.expiry_tick_ms.max(1)),
             idle_stop_after: Duration::from_secs(settings.stock.idle_stop_after_secs),
+            publish_interval: Duration::from_millis(settings.events.publish_interval_ms.max(10)),
             breakers: breakers.clone(),
             arbiter: pipeline_arbiter.handle(),
         };
@@ -187,6 +188,10 @@ impl Application {
             stopping: AtomicBool::new(false),
             retry_after_secs: settings.stock.retry_after_secs,
             confirm_timeout: Duration::from_millis(settings.orders.confirm_timeout_ms.max(1)),
+            streams: http::events::StreamSlots::new(&settings.events),
+            events: http::events::EventTimings::new(&settings.events),
+            event_tickets: http::events::TicketKey::random(),
+            pages: http::pages::Pages::default(),
         });
         // Orders PostgreSQL holds leave the in-memory directory.
         let evict_after = Duration::from_secs(settings.orders.directory_evict_after_secs.max(1));

@@ -22,8 +22,9 @@ use uuid::Uuid;
 
 use super::stock::StockActor;
 use crate::domain::order::{Order, OrderStatus};
-use crate::domain::sale::Sale;
+use crate::domain::sale::{Sale, SaleView};
 use crate::domain::sale_book::{BookCounters, Rejection, SaleBook};
+use crate::live::{Catalogue, SaleFeed};
 
 /// A sale's live state as its stock actor last published it.
 #[derive(Debug)]
@@ -47,6 +48,8 @@ pub struct SaleShared {
     pub messages_handled: AtomicU64,
     /// Orders the book keeps whole (for admin status).
     pub orders_in_play: AtomicUsize,
+    /// The public view as last published, for event streams.
+    pub feed: SaleFeed,
     /// Redis snapshot bookkeeping.
     pub snapshot_failures: AtomicU64,
     pub snapshot_version: AtomicU64,
@@ -54,7 +57,9 @@ pub struct SaleShared {
 }
 
 impl SaleShared {
-    pub fn new(book: &SaleBook, mailbox_capacity: usize) -> Self {
+    pub fn new(book: &SaleBook, mailbox_capacity: usize, catalogue: Arc<Catalogue>) -> Self {
+        let now = Utc::now();
+        let view = SaleView::new(book.sale(), i64::from(book.stock_left()), now);
         let shared = SaleShared {
             sale: RwLock::new(Arc::new(book.sale().clone())),
             starts_at_ms: AtomicI64::new(0),
@@ -70,6 +75,7 @@ impl SaleShared {
             mailbox_capacity,
             messages_handled: AtomicU64::new(0),
             orders_in_play: AtomicUsize::new(0),
+            feed: SaleFeed::new(&view, book.version(), catalogue),
             snapshot_failures: AtomicU64::new(0),
             snapshot_version: AtomicU64::new(0),
             snapshot_at_ms: AtomicI64::new(0),
@@ -436,6 +442,8 @@ pub struct SaleRegistry {
     sales: DashMap<Uuid, Arc<SaleHandle>>,
     pub orders: OrderDirectory,
     pub keys: KeyIndex,
+    /// Bumped whenever any sale publishes a new state.
+    pub catalogue: Arc<Catalogue>,
 }
 
 impl SaleRegistry {

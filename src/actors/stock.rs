@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use super::registry::{KeyUse, SaleHandle, SaleRegistry, SaleShared};
 use crate::domain::order::Order;
-use crate::domain::sale::{PatchError, Sale, SalePatch, TransitionError};
+use crate::domain::sale::{PatchError, Sale, SalePatch, SaleView, TransitionError};
 use crate::domain::sale_book::{
     Action, ActionRefused, Durability, Plan, Rejection, Reserved, SaleBook,
 };
@@ -161,6 +161,7 @@ pub struct StockActor {
     expiry_tick: Duration,
     breakers: Arc<crate::breaker::Breakers>,
     idle_stop_after: Duration,
+    publish_interval: Duration,
     /// When a purchase, action or change last reached the actor.
     last_asked: std::time::Instant,
     snapshot_in_flight: bool,
@@ -186,6 +187,8 @@ pub struct StockDeps {
     pub expiry_tick: Duration,
     /// How long after its sale ended an actor with nothing in play stops.
     pub idle_stop_after: Duration,
+    /// Shortest time between two published states of a sale (event streams).
+    pub publish_interval: Duration,
     pub breakers: Arc<crate::breaker::Breakers>,
     /// Where stock actors run: one arbiter for all of them, not the HTTP
     /// workers' (those stop first at shutdown, while orders still settle).
@@ -196,7 +199,11 @@ impl StockActor {
     /// Starts the actor for `book` on the stock arbiter and registers it;
     /// `open: false` starts it closed until [`Reopen`].
     pub fn launch(book: SaleBook, deps: &StockDeps, open: bool) -> Arc<SaleHandle> {
-        let shared = Arc::new(SaleShared::new(&book, deps.mailbox_capacity));
+        let shared = Arc::new(SaleShared::new(
+            &book,
+            deps.mailbox_capacity,
+            deps.registry.catalogue.clone(),
+        ));
         let sale_id = book.sale().id;
         record_keys(&book, &deps.registry);
         let addr = Self::start(book, shared.clone(), deps, open);
@@ -223,6 +230,7 @@ impl StockActor {
                 expiry_tick: owned.expiry_tick,
                 breakers: owned.breakers,
                 idle_stop_after: owned.idle_stop_after,
+                publish_interval: owned.publish_interval,
                 last_asked: std::time::Instant::now(),
                 snapshot_in_flight: false,
                 open,
@@ -275,6 +283,7 @@ impl StockActor {
         let Some(handle) = self.registry.get(self.book.sale().id) else {
             return;
         };
+        self.publish_view();
         if handle.detach_if_idle() {
             tracing::info!(sale_id = %self.book.sale().id, "stock actor stopped: its sale ended");
             ctx.stop();
@@ -283,6 +292,17 @@ impl StockActor {
 
     fn changed(&mut self) {
         self.shared.publish_stock(&self.book);
+    }
+
+    /// Publishes the sale's public view for event streams if its state or
+    /// its status (which also moves with the clock) changed since the last.
+    fn publish_view(&self) {
+        let now = Utc::now();
+        let status = self.book.status(now);
+        let view = || SaleView::new(self.book.sale(), i64::from(self.book.stock_left()), now);
+        self.shared
+            .feed
+            .publish_if_changed(view, status, self.book.version());
     }
 
     /// Answers everyone waiting on order `id` (`order`: as now confirmed).
@@ -411,6 +431,7 @@ impl Actor for StockActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.snapshot_interval, |act, ctx| act.snapshot(ctx));
+        ctx.run_interval(self.publish_interval, |act, _| act.publish_view());
         ctx.run_interval(self.expiry_tick, |act, ctx| {
             act.expire_due();
             act.stop_if_idle(ctx);

@@ -96,6 +96,12 @@ pub struct ActorsStatus {
     responses((status = 200, body = ActorsStatus),
         (status = 401, description = "unauthenticated", body = Problem)))]
 pub async fn actors(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(actors_status(&state)))
+}
+
+/// Every stock actor and the order pipeline, read from their atomics (also
+/// pushed by `GET /admin/v1/events`).
+pub fn actors_status(state: &AppState) -> ActorsStatus {
     let now = Utc::now();
     let mut stock_actors: Vec<StockActorStatus> = state
         .registry
@@ -132,7 +138,7 @@ pub async fn actors(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse
     stock_actors.sort_by_key(|a| a.sale_id);
     let p = state.publisher.stats();
     let w = &state.writers;
-    Ok(HttpResponse::Ok().json(ActorsStatus {
+    ActorsStatus {
         server_time: now,
         stock_actors,
         pipeline: PipelineStatus {
@@ -169,7 +175,7 @@ pub async fn actors(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse
                 last_error: w.last_error(),
             },
         },
-    }))
+    }
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "operations",

@@ -7,10 +7,12 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod health;
 pub mod json;
 pub mod limits;
 pub mod openapi;
+pub mod pages;
 pub mod payments;
 pub mod purchases;
 pub mod sales;
@@ -79,6 +81,13 @@ pub struct AppState {
     pub retry_after_secs: u32,
     /// How long a purchase waits for the order log to confirm its order.
     pub confirm_timeout: Duration,
+    /// Open event streams, bounded (`[events]`).
+    pub streams: Arc<events::StreamSlots>,
+    pub events: events::EventTimings,
+    /// Signs the tickets that open the admin event stream.
+    pub event_tickets: events::TicketKey,
+    /// The shop page and the admin dashboard, embedded.
+    pub pages: pages::Pages,
 }
 
 impl AppState {
@@ -327,6 +336,9 @@ async fn sale_routes(
         (None, _) if req.method() == actix_web::http::Method::GET => {
             sales::get_public(&state, id).await
         }
+        (Some("events"), None) if req.method() == actix_web::http::Method::GET => {
+            events::sale_events(&state, id, &req).await
+        }
         (Some("purchases"), None) if req.method() == actix_web::http::Method::POST => {
             let mut payload = payload.into_inner();
             let result = match <auth::Shopper as actix_web::FromRequest>::extract(&req).await {
@@ -350,7 +362,7 @@ async fn sale_routes(
                 .inc();
             result
         }
-        (None, _) | (Some("purchases"), None) => Err(ApiError::MethodNotAllowed),
+        (None, _) | (Some("purchases" | "events"), None) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }
 }
@@ -364,6 +376,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, webhook: bool) {
         .service(
             web::scope("/sales")
                 .service(resource("").route(web::get().to(sales::list_public)))
+                .service(resource("/events").route(web::get().to(events::all_sales_events)))
                 .default_service(web::to(sale_routes)),
         )
         .service(resource("/orders").route(web::get().to(purchases::list_orders)))
@@ -373,7 +386,10 @@ pub fn routes(cfg: &mut web::ServiceConfig, webhook: bool) {
     if webhook {
         api = api.service(resource("/payments/webhook").route(web::post().to(payments::webhook)));
     }
-    cfg.service(resource("/healthz").route(web::get().to(health::healthz)))
+    cfg.service(resource("/").route(web::get().to(pages::page)))
+        .service(resource("/admin").route(web::get().to(pages::page)))
+        .service(resource("/assets/{file}").route(web::get().to(pages::page)))
+        .service(resource("/healthz").route(web::get().to(health::healthz)))
         .service(resource("/metrics").route(web::get().to(admin::metrics)))
         .service(resource("/readyz").route(web::get().to(health::readyz)))
         .service(resource("/openapi.json").route(web::get().to(health::openapi)))
@@ -391,6 +407,8 @@ pub fn routes(cfg: &mut web::ServiceConfig, webhook: bool) {
                         .route(web::patch().to(sales::patch)),
                 )
                 .service(resource("/actors").route(web::get().to(admin::actors)))
+                .service(resource("/events").route(web::get().to(events::admin_events)))
+                .service(resource("/events/tickets").route(web::post().to(events::ticket)))
                 .service(resource("/sales/{id}/pause").route(web::post().to(sales::pause)))
                 .service(resource("/sales/{id}/resume").route(web::post().to(sales::resume))),
         )

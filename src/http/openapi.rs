@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, error, health, payments, purchases, sales, users};
+use super::{admin, error, events, health, payments, purchases, sales, users};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,6 +16,7 @@ use super::{admin, error, health, payments, purchases, sales, users};
         purchases::pay, purchases::cancel, payments::webhook,
         sales::create, sales::list_admin, sales::get_admin, sales::patch, sales::pause, sales::resume,
         admin::actors, admin::metrics,
+        events::sale_events, events::all_sales_events, events::ticket, events::admin_events,
         health::healthz, health::readyz, health::openapi,
     ),
     components(schemas(error::Problem)),

@@ -14,45 +14,9 @@ use super::json::ApiJson;
 use super::AppState;
 use crate::actors::registry::SaleHandle;
 use crate::actors::stock::{ChangeError, ChangeSale, SaleChange, StockActor};
-use crate::domain::sale::{PatchError, Sale, SalePatch, SaleSpec, SaleStatus};
+pub use crate::domain::sale::SaleView;
+use crate::domain::sale::{PatchError, Sale, SalePatch, SaleSpec};
 use crate::domain::sale_book::{BookCounters, SaleBook};
-
-/// A sale as shoppers see it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct SaleView {
-    pub id: Uuid,
-    pub name: String,
-    pub description: String,
-    pub price_cents: i64,
-    pub currency: String,
-    pub stock_total: i64,
-    pub stock_left: i64,
-    pub per_user_limit: i64,
-    pub starts_at: DateTime<Utc>,
-    pub ends_at: DateTime<Utc>,
-    pub reservation_ttl_secs: i64,
-    pub status: SaleStatus,
-}
-
-impl SaleView {
-    pub fn new(sale: &Sale, stock_left: i64, now: DateTime<Utc>) -> Self {
-        let s = &sale.spec;
-        SaleView {
-            id: sale.id,
-            name: s.name.clone(),
-            description: s.description.clone(),
-            price_cents: s.price_cents,
-            currency: s.currency.clone(),
-            stock_total: s.stock_total,
-            stock_left,
-            per_user_limit: s.per_user_limit,
-            starts_at: s.starts_at,
-            ends_at: s.ends_at,
-            reservation_ttl_secs: s.reservation_ttl_secs,
-            status: sale.status(now, stock_left),
-        }
-    }
-}
 
 /// One sale and the server's clock, so clients can count down to the start.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

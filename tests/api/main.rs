@@ -6,6 +6,7 @@ mod helpers;
 mod admin_sales;
 mod config;
 mod crash;
+mod events;
 mod faults;
 mod hostile;
 mod http_conventions;
