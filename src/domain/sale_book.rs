@@ -22,9 +22,9 @@
 //! A settled order never changes again, so whoever asks about it is
 //! answered from the order directory or PostgreSQL ([`settled_answer`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, VecDeque};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::order::{Order, OrderStatus};
@@ -110,24 +110,93 @@ pub fn settled_answer(status: OrderStatus, action: Action) -> Option<Result<(), 
     })
 }
 
-/// An order still in play, without what the book knows already (its id is
-/// the map's key, its sale is the book's). About 100 bytes where an
-/// [`Order`] with its strings takes twice that.
+/// An idempotency key behind one thin pointer: most orders have none, and a
+/// `Box<str>` in every entry would cost each of them 8 bytes more.
+type Key = Option<Box<Box<str>>>;
+
+/// Microseconds since the epoch: what PostgreSQL keeps of a time.
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+const NO_TIME: i64 = i64::MIN;
+
+/// An order still in play, without what the book knows already (its sale).
+/// 80 bytes, kept inline in [`Entries`]; an [`Order`] with its strings and
+/// a map slot took about 300.
 #[derive(Debug, Clone)]
 struct Entry {
+    id: Uuid,
     user_id: Uuid,
-    quantity: u32,
-    status: OrderStatus,
-    durability: Durability,
-    /// Its units are still counted as held (until a release is confirmed).
-    holds_units: bool,
-    currency: [u8; 3],
+    created_us: i64,
+    expires_us: i64,
+    /// `paid_at` or `closed_at` (by status), or `NO_TIME`.
+    changed_us: i64,
     price_cents: i64,
-    created_at: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
-    /// `paid_at` or `closed_at`, by status.
-    changed_at: Option<DateTime<Utc>>,
-    idempotency_key: Option<Box<str>>,
+    quantity: u32,
+    currency: [u8; 3],
+    /// Status, durability and flags, packed ([`Flags`]).
+    flags: Flags,
+    key: Key,
+}
+
+/// Status (2 bits), durability (2 bits), whether the units are still held,
+/// and whether the entry is gone (a tombstone until the next compaction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Flags(u8);
+
+impl Flags {
+    fn new(status: OrderStatus, durability: Durability, holds_units: bool) -> Self {
+        let s = match status {
+            OrderStatus::Reserved => 0,
+            OrderStatus::Paid => 1,
+            OrderStatus::Cancelled => 2,
+            OrderStatus::Expired => 3,
+        };
+        let d = match durability {
+            Durability::Pending => 0,
+            Durability::Durable => 1,
+            Durability::InDoubt => 2,
+        };
+        Flags(s | (d << 2) | (u8::from(holds_units) << 4))
+    }
+
+    fn status(self) -> OrderStatus {
+        match self.0 & 3 {
+            0 => OrderStatus::Reserved,
+            1 => OrderStatus::Paid,
+            2 => OrderStatus::Cancelled,
+            _ => OrderStatus::Expired,
+        }
+    }
+
+    fn durability(self) -> Durability {
+        match (self.0 >> 2) & 3 {
+            0 => Durability::Pending,
+            1 => Durability::Durable,
+            _ => Durability::InDoubt,
+        }
+    }
+
+    fn holds_units(self) -> bool {
+        self.0 & 16 != 0
+    }
+
+    fn gone(self) -> bool {
+        self.0 & 32 != 0
+    }
+
+    fn with(self, status: OrderStatus, durability: Durability, holds_units: bool) -> Self {
+        Flags(Flags::new(status, durability, holds_units).0 | (self.0 & 32))
+    }
+
+    fn removed(self) -> Self {
+        Flags(self.0 | 32)
+    }
 }
 
 /// Three letters; anything else (never accepted by sale validation) as "XXX".
@@ -141,37 +210,56 @@ fn currency_code(s: &str) -> [u8; 3] {
 impl Entry {
     fn of(order: &Order, durability: Durability, holds_units: bool) -> Self {
         Entry {
+            id: order.id,
             user_id: order.user_id,
-            quantity: order.quantity,
-            status: order.status,
-            durability,
-            holds_units,
-            currency: currency_code(&order.currency),
+            created_us: micros(order.created_at),
+            expires_us: micros(order.expires_at),
+            changed_us: order.paid_at.or(order.closed_at).map_or(NO_TIME, micros),
             price_cents: order.price_cents,
-            created_at: order.created_at,
-            expires_at: order.expires_at,
-            changed_at: order.paid_at.or(order.closed_at),
-            idempotency_key: order.idempotency_key.as_deref().map(Box::from),
+            quantity: order.quantity,
+            currency: currency_code(&order.currency),
+            flags: Flags::new(order.status, durability, holds_units),
+            key: order
+                .idempotency_key
+                .as_deref()
+                .map(|k| Box::new(Box::from(k))),
         }
     }
 
-    fn order(&self, id: Uuid, sale_id: Uuid) -> Order {
-        let (paid_at, closed_at) = match self.status {
-            OrderStatus::Paid => (self.changed_at, None),
-            OrderStatus::Cancelled | OrderStatus::Expired => (None, self.changed_at),
+    fn status(&self) -> OrderStatus {
+        self.flags.status()
+    }
+
+    fn durability(&self) -> Durability {
+        self.flags.durability()
+    }
+
+    fn holds_units(&self) -> bool {
+        self.flags.holds_units()
+    }
+
+    fn set(&mut self, status: OrderStatus, durability: Durability, holds_units: bool) {
+        self.flags = self.flags.with(status, durability, holds_units);
+    }
+
+    fn order(&self, sale_id: Uuid) -> Order {
+        let changed = (self.changed_us != NO_TIME).then(|| from_micros(self.changed_us));
+        let (paid_at, closed_at) = match self.status() {
+            OrderStatus::Paid => (changed, None),
+            OrderStatus::Cancelled | OrderStatus::Expired => (None, changed),
             OrderStatus::Reserved => (None, None),
         };
         Order {
-            id,
+            id: self.id,
             sale_id,
             user_id: self.user_id,
             quantity: self.quantity,
-            status: self.status,
-            created_at: self.created_at,
-            expires_at: self.expires_at,
+            status: self.status(),
+            created_at: from_micros(self.created_us),
+            expires_at: from_micros(self.expires_us),
             paid_at,
             closed_at,
-            idempotency_key: self.idempotency_key.as_deref().map(str::to_owned),
+            idempotency_key: self.key.as_deref().map(|k| k.to_string()),
             price_cents: self.price_cents,
             currency: String::from_utf8_lossy(&self.currency).into_owned(),
         }
@@ -180,9 +268,80 @@ impl Entry {
     /// Durable in a final state with its units released if they go back:
     /// nothing about it can change again.
     fn settled(&self) -> bool {
-        self.durability == Durability::Durable
-            && self.status != OrderStatus::Reserved
-            && self.holds_units == self.status.holds_units()
+        self.durability() == Durability::Durable
+            && self.status() != OrderStatus::Reserved
+            && self.holds_units() == self.status().holds_units()
+    }
+}
+
+/// The entries in play, inline and sorted by order id (ids are UUIDv7, so a
+/// new order goes at or near the end), found by binary search. No map and
+/// no allocation per order: a removed entry is a tombstone until they make
+/// up half, then all are dropped in one pass.
+#[derive(Debug, Clone, Default)]
+struct Entries {
+    all: Vec<Entry>,
+    gone: usize,
+}
+
+impl Entries {
+    fn len(&self) -> usize {
+        self.all.len() - self.gone
+    }
+
+    fn index(&self, id: Uuid) -> Option<usize> {
+        self.all
+            .binary_search_by(|e| e.id.cmp(&id))
+            .ok()
+            .filter(|i| !self.all[*i].flags.gone())
+    }
+
+    fn get(&self, id: Uuid) -> Option<&Entry> {
+        self.index(id).map(|i| &self.all[i])
+    }
+
+    fn get_mut(&mut self, id: Uuid) -> Option<&mut Entry> {
+        self.index(id).map(|i| &mut self.all[i])
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        match self.all.last() {
+            Some(last) if last.id >= entry.id => {
+                match self.all.binary_search_by(|e| e.id.cmp(&entry.id)) {
+                    Ok(i) => {
+                        if self.all[i].flags.gone() {
+                            self.gone -= 1;
+                        }
+                        self.all[i] = entry;
+                    }
+                    Err(i) => self.all.insert(i, entry),
+                }
+            }
+            _ => self.all.push(entry),
+        }
+    }
+
+    fn remove(&mut self, id: Uuid) -> Option<Entry> {
+        let i = self.index(id)?;
+        let e = &mut self.all[i];
+        let taken = Entry {
+            key: e.key.take(),
+            ..e.clone()
+        };
+        e.flags = e.flags.removed();
+        self.gone += 1;
+        if self.gone > 1024 && self.gone * 2 > self.all.len() {
+            self.all.retain(|e| !e.flags.gone());
+            self.gone = 0;
+            if self.all.capacity() > 4 * self.all.len() + 1024 {
+                self.all.shrink_to_fit();
+            }
+        }
+        Some(taken)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.all.iter().filter(|e| !e.flags.gone())
     }
 }
 
@@ -211,12 +370,15 @@ pub struct SaleBook {
     held_by: HashMap<Uuid, u32>,
     /// (user, idempotency key) → the order it made, for replays.
     keys: HashMap<(Uuid, Box<str>), KeyedOrder>,
-    /// Orders still in play (not settled). Boxed: when the map grows
-    /// (hundreds of thousands of reservations in a big sale) a rehash moves
-    /// pointers, not entries, so it never stalls the actor for long.
-    orders: HashMap<Uuid, Box<Entry>>,
-    /// Deadlines of reserved orders, earliest first.
-    deadlines: BTreeSet<(DateTime<Utc>, Uuid)>,
+    /// Orders still in play (not settled).
+    orders: Entries,
+    /// (deadline in µs, order id) of reservations, earliest first. A
+    /// reservation's deadline is its creation plus the sale's TTL, so new
+    /// ones go at the back; one out of order (a restore, a shorter TTL)
+    /// marks the queue for sorting before the next look. Entries of orders
+    /// that stopped being reserved stay until they reach the front.
+    deadlines: VecDeque<(i64, Uuid)>,
+    deadlines_sorted: bool,
     counters: BookCounters,
     /// Bumped on every change, published with snapshots.
     version: u64,
@@ -235,8 +397,9 @@ impl SaleBook {
             remaining,
             held_by: HashMap::new(),
             keys: HashMap::new(),
-            orders: HashMap::new(),
-            deadlines: BTreeSet::new(),
+            orders: Entries::default(),
+            deadlines: VecDeque::new(),
+            deadlines_sorted: true,
             counters: BookCounters::default(),
             version: 0,
         }
@@ -271,12 +434,17 @@ impl SaleBook {
             );
         }
         if order.status == OrderStatus::Reserved {
-            self.deadlines.insert((order.expires_at, order.id));
-            self.orders.insert(
-                order.id,
-                Box::new(Entry::of(order, Durability::Durable, holds_units)),
-            );
+            let entry = Entry::of(order, Durability::Durable, holds_units);
+            self.add_deadline(entry.expires_us, order.id);
+            self.orders.insert(entry);
         }
+    }
+
+    fn add_deadline(&mut self, at: i64, id: Uuid) {
+        if self.deadlines.back().is_some_and(|&(last, _)| last > at) {
+            self.deadlines_sorted = false;
+        }
+        self.deadlines.push_back((at, id));
     }
 
     pub fn sale(&self) -> &Sale {
@@ -306,8 +474,8 @@ impl SaleBook {
     /// An order still in play, as it stands now.
     pub fn order(&self, id: Uuid) -> Option<(Order, Durability)> {
         self.orders
-            .get(&id)
-            .map(|e| (e.order(id, self.sale.id), e.durability))
+            .get(id)
+            .map(|e| (e.order(self.sale.id), e.durability()))
     }
 
     /// Orders still in play (reserved, or with a change not yet durable).
@@ -357,6 +525,7 @@ impl SaleBook {
     /// Decides a purchase. Checks, in order: an idempotent replay (answered
     /// whatever the sale's state now), the sale window, pause, the per-user
     /// limit, then stock; only then deducts and records a pending order.
+    /// Times are kept to the microsecond, as PostgreSQL keeps them.
     pub fn reserve(
         &mut self,
         user_id: Uuid,
@@ -397,28 +566,28 @@ impl SaleBook {
             });
         }
         let id = Uuid::now_v7();
+        let created_us = micros(now);
         let entry = Entry {
+            id,
             user_id,
-            quantity,
-            status: OrderStatus::Reserved,
-            durability: Durability::Pending,
-            holds_units: true,
-            currency: currency_code(&spec.currency),
+            created_us,
+            expires_us: created_us
+                .saturating_add(spec.reservation_ttl_secs.saturating_mul(1_000_000)),
+            changed_us: NO_TIME,
             price_cents: spec.price_cents,
-            created_at: now,
-            expires_at: now + Duration::seconds(spec.reservation_ttl_secs),
-            changed_at: None,
-            idempotency_key: key,
+            quantity,
+            currency: currency_code(&spec.currency),
+            flags: Flags::new(OrderStatus::Reserved, Durability::Pending, true),
+            key: key.clone().map(Box::new),
         };
-        let order = entry.order(id, self.sale.id);
+        let order = entry.order(self.sale.id);
         self.hold(user_id, quantity);
         self.counters_add(OrderStatus::Reserved, quantity);
-        if let Some(k) = &entry.idempotency_key {
-            self.keys
-                .insert((user_id, k.clone()), KeyedOrder { id, quantity });
+        if let Some(k) = key {
+            self.keys.insert((user_id, k), KeyedOrder { id, quantity });
         }
-        self.deadlines.insert((entry.expires_at, id));
-        self.orders.insert(id, Box::new(entry));
+        self.add_deadline(entry.expires_us, id);
+        self.orders.insert(entry);
         self.version += 1;
         Ok(Reserved::New(order))
     }
@@ -428,29 +597,27 @@ impl SaleBook {
     /// or expiry gives its units back now, exactly once. Returns the order;
     /// one now settled leaves the book.
     pub fn confirm(&mut self, id: Uuid) -> Option<Order> {
-        let e = self.orders.get_mut(&id)?;
-        e.durability = Durability::Durable;
-        let release = e.holds_units && !e.status.holds_units();
-        if release {
-            e.holds_units = false;
-        }
+        let e = self.orders.get_mut(id)?;
+        let release = e.holds_units() && !e.status().holds_units();
+        let status = e.status();
+        e.set(status, Durability::Durable, e.holds_units() && !release);
         let (user, quantity, settled) = (e.user_id, e.quantity, e.settled());
-        let order = e.order(id, self.sale.id);
+        let order = e.order(self.sale.id);
         if release {
             self.unhold(user, quantity);
             self.version += 1;
         }
         if settled {
-            self.orders.remove(&id);
+            self.orders.remove(id);
         }
         Some(order)
     }
 
     /// The order's publish failed with its fate unknown: keep its units held.
     pub fn mark_in_doubt(&mut self, id: Uuid) {
-        if let Some(e) = self.orders.get_mut(&id) {
-            if e.durability == Durability::Pending {
-                e.durability = Durability::InDoubt;
+        if let Some(e) = self.orders.get_mut(id) {
+            if e.durability() == Durability::Pending {
+                e.set(e.status(), Durability::InDoubt, e.holds_units());
             }
         }
     }
@@ -460,20 +627,20 @@ impl SaleBook {
     /// had never been made, and forget its idempotency key. A durable order
     /// is never released this way.
     pub fn release(&mut self, id: Uuid) -> Option<Order> {
-        match self.orders.get(&id) {
-            Some(e) if e.durability != Durability::Durable && e.status == OrderStatus::Reserved => {
+        match self.orders.get(id) {
+            Some(e)
+                if e.durability() != Durability::Durable && e.status() == OrderStatus::Reserved => {
             }
             _ => return None,
         }
-        let e = self.orders.remove(&id)?;
-        self.deadlines.remove(&(e.expires_at, id));
+        let e = self.orders.remove(id)?;
         self.unhold(e.user_id, e.quantity);
         self.counters.reserved = self.counters.reserved.saturating_sub(u64::from(e.quantity));
-        if let Some(key) = &e.idempotency_key {
-            self.keys.remove(&(e.user_id, key.clone()));
+        if let Some(key) = &e.key {
+            self.keys.remove(&(e.user_id, Box::from(&***key)));
         }
         self.version += 1;
-        Some(e.order(id, self.sale.id))
+        Some(e.order(self.sale.id))
     }
 
     /// Decides a payment or cancellation without changing the book. The
@@ -488,20 +655,21 @@ impl SaleBook {
         action: Action,
         now: DateTime<Utc>,
     ) -> Result<Plan, ActionRefused> {
-        let e = self.orders.get(&id).ok_or(ActionRefused::NotFound)?;
+        let e = self.orders.get(id).ok_or(ActionRefused::NotFound)?;
         if e.user_id != user_id {
             return Err(ActionRefused::NotFound);
         }
-        let o = e.order(id, self.sale.id);
+        let o = e.order(self.sale.id);
         if let Some(answer) = settled_answer(o.status, action) {
-            return answer.map(|()| Plan::Unchanged(o, e.durability));
+            return answer.map(|()| Plan::Unchanged(o, e.durability()));
         }
-        if e.durability != Durability::Durable {
+        if e.durability() != Durability::Durable {
             return Err(ActionRefused::NotDurable);
         }
         if now >= o.expires_at {
             return Err(ActionRefused::Expired);
         }
+        let now = from_micros(micros(now));
         Ok(Plan::Change(match action {
             Action::Pay => Order {
                 status: OrderStatus::Paid,
@@ -516,38 +684,59 @@ impl SaleBook {
         }))
     }
 
+    /// Whether a deadline entry is still the deadline of a reservation.
+    fn current_deadline(&self, at: i64, id: Uuid) -> Option<&Entry> {
+        self.orders
+            .get(id)
+            .filter(|e| e.status() == OrderStatus::Reserved && e.expires_us == at)
+    }
+
     /// Durable reservations whose deadline has passed, in their expired
-    /// state, earliest first (at most `limit`). Changes nothing: the caller
-    /// publishes each and then applies it.
-    pub fn due(&self, now: DateTime<Utc>, limit: usize) -> Vec<Order> {
-        self.deadlines
-            .iter()
-            .take_while(|(at, _)| *at <= now)
-            .filter_map(|(_, id)| self.orders.get(id).map(|e| (id, e)))
-            .filter(|(_, e)| {
-                e.status == OrderStatus::Reserved && e.durability == Durability::Durable
-            })
-            .take(limit)
-            .map(|(id, e)| Order {
-                status: OrderStatus::Expired,
-                closed_at: Some(now),
-                ..e.order(*id, self.sale.id)
-            })
-            .collect()
+    /// state, earliest first (at most `limit`). Decides nothing: the caller
+    /// publishes each and then applies it. Drops the deadlines at the front
+    /// that no longer belong to a reservation.
+    pub fn due(&mut self, now: DateTime<Utc>, limit: usize) -> Vec<Order> {
+        if !self.deadlines_sorted {
+            self.deadlines.make_contiguous().sort_unstable();
+            self.deadlines_sorted = true;
+        }
+        while let Some(&(at, id)) = self.deadlines.front() {
+            if self.current_deadline(at, id).is_some() {
+                break;
+            }
+            self.deadlines.pop_front();
+        }
+        let now_us = micros(now);
+        let closed_at = from_micros(now_us);
+        let mut due: Vec<Order> = Vec::new();
+        for &(at, id) in &self.deadlines {
+            if at > now_us || due.len() >= limit {
+                break;
+            }
+            let Some(e) = self.current_deadline(at, id) else {
+                continue;
+            };
+            if e.durability() == Durability::Durable && due.last().is_none_or(|d| d.id != id) {
+                due.push(Order {
+                    status: OrderStatus::Expired,
+                    closed_at: Some(closed_at),
+                    ..e.order(self.sale.id)
+                });
+            }
+        }
+        due
     }
 
     /// Records a decided change (from `plan` or `due`) whose log entry has
     /// been handed to the order log. The order is pending until `confirm`;
     /// a release of units happens only then.
     pub fn apply_change(&mut self, next: Order) {
-        let Some(e) = self.orders.get_mut(&next.id) else {
+        let Some(e) = self.orders.get_mut(next.id) else {
             return;
         };
-        let (from, quantity, deadline) = (e.status, e.quantity, e.expires_at);
-        e.status = next.status;
-        e.changed_at = next.paid_at.or(next.closed_at);
-        e.durability = Durability::Pending;
-        self.deadlines.remove(&(deadline, next.id));
+        let (from, quantity) = (e.status(), e.quantity);
+        e.set(next.status, Durability::Pending, e.holds_units());
+        e.changed_us = next.paid_at.or(next.closed_at).map_or(NO_TIME, micros);
         self.counters_move(from, next.status, quantity);
         self.version += 1;
     }
@@ -561,7 +750,10 @@ impl SaleBook {
 
     /// Reservations waiting for their deadline (for status pages).
     pub fn pending_deadlines(&self) -> usize {
-        self.deadlines.len()
+        self.orders
+            .iter()
+            .filter(|e| e.status() == OrderStatus::Reserved)
+            .count()
     }
 
     /// Replaces the sale's definition (an admin edit already validated
@@ -573,8 +765,11 @@ impl SaleBook {
         self.version += 1;
     }
 }
+
 #[cfg(test)]
 mod tests {
+    use chrono::{Duration, SubsecRound};
+
     use super::*;
     use crate::domain::sale::SaleSpec;
 
@@ -614,7 +809,7 @@ mod tests {
         let o = new_order(book.reserve(u, 2, None, now));
         assert_eq!(o.quantity, 2);
         assert_eq!(o.status, OrderStatus::Reserved);
-        assert_eq!(o.expires_at, now + Duration::seconds(60));
+        assert_eq!(o.expires_at, now.trunc_subsecs(6) + Duration::seconds(60));
         assert_eq!(book.stock_left(), 1);
         assert_eq!(
             book.reserve(Uuid::new_v4(), 2, None, now),
@@ -853,7 +1048,10 @@ mod tests {
         let c = durable(&mut book, t0 + Duration::seconds(2));
         // b is paid before its deadline: it never expires.
         let paid = change(book.plan(b.id, b.user_id, Action::Pay, t0 + Duration::seconds(5)));
-        assert_eq!(paid.paid_at, Some(t0 + Duration::seconds(5)));
+        assert_eq!(
+            paid.paid_at,
+            Some((t0 + Duration::seconds(5)).trunc_subsecs(6))
+        );
         book.apply_change(paid);
         book.confirm(b.id);
         assert!(book
@@ -1002,7 +1200,7 @@ mod tests {
             price_cents: 100,
             currency: "EUR".into(),
         };
-        let book = SaleBook::restore(s, vec![past.clone()]);
+        let mut book = SaleBook::restore(s, vec![past.clone()]);
         assert_eq!(book.stock_left(), 4);
         let due = book.due(now, 10);
         assert_eq!(due.len(), 1);
@@ -1022,5 +1220,111 @@ mod tests {
         exact.spec.stock_total = 3;
         book.update_sale(exact);
         assert_eq!(book.stock_left(), 0);
+    }
+
+    #[test]
+    fn an_entry_is_small_and_its_flags_round_trip() {
+        assert!(
+            std::mem::size_of::<Entry>() <= 80,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
+        for status in [
+            OrderStatus::Reserved,
+            OrderStatus::Paid,
+            OrderStatus::Cancelled,
+            OrderStatus::Expired,
+        ] {
+            for durability in [
+                Durability::Pending,
+                Durability::Durable,
+                Durability::InDoubt,
+            ] {
+                for holds in [false, true] {
+                    let f = Flags::new(status, durability, holds);
+                    assert_eq!(
+                        (f.status(), f.durability(), f.holds_units(), f.gone()),
+                        (status, durability, holds, false)
+                    );
+                    let g = f.removed().with(status, durability, holds);
+                    assert!(g.gone(), "removal survives a change");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn entries_are_found_in_any_order_and_compacted_when_half_are_gone() {
+        let s = sale(10, 1);
+        let mut entries = Entries::default();
+        let mut ids: Vec<Uuid> = (0..3000).map(|_| Uuid::new_v4()).collect();
+        let now = Utc::now();
+        for id in &ids {
+            let order = Order {
+                id: *id,
+                sale_id: s.id,
+                user_id: *id,
+                quantity: 1,
+                status: OrderStatus::Reserved,
+                created_at: now,
+                expires_at: now,
+                paid_at: None,
+                closed_at: None,
+                idempotency_key: None,
+                price_cents: 1,
+                currency: "EUR".into(),
+            };
+            entries.insert(Entry::of(&order, Durability::Durable, true));
+        }
+        assert_eq!(entries.len(), 3000);
+        assert!(entries.all.windows(2).all(|w| w[0].id < w[1].id));
+        for id in ids.drain(..2000) {
+            assert_eq!(entries.remove(id).map(|e| e.user_id), Some(id));
+            assert!(entries.get(id).is_none());
+        }
+        assert_eq!(entries.len(), 1000);
+        // Compacted once more than half were gone (1,501 of 3,000): what is
+        // left is the 1,000 and the tombstones since.
+        assert_eq!(entries.all.len(), 1000 + entries.gone);
+        assert_eq!(entries.gone, 499);
+        assert!(ids
+            .iter()
+            .all(|id| entries.get(*id).is_some_and(|e| e.id == *id)));
+    }
+
+    #[test]
+    fn deadlines_come_due_in_order_whatever_order_they_were_restored_in() {
+        let s = sale(10, 1);
+        let now = Utc::now();
+        let mk = |secs_ago: i64| Order {
+            id: Uuid::now_v7(),
+            sale_id: s.id,
+            user_id: Uuid::new_v4(),
+            quantity: 1,
+            status: OrderStatus::Reserved,
+            created_at: now - Duration::minutes(10),
+            expires_at: now - Duration::seconds(secs_ago),
+            paid_at: None,
+            closed_at: None,
+            idempotency_key: None,
+            price_cents: 100,
+            currency: "EUR".into(),
+        };
+        let (a, b, c) = (mk(5), mk(30), mk(-60));
+        let mut book = SaleBook::restore(s.clone(), [a.clone(), c.clone(), b.clone()]);
+        let due: Vec<Uuid> = book.due(now, 10).iter().map(|o| o.id).collect();
+        assert_eq!(
+            due,
+            [b.id, a.id],
+            "earliest first; the future one is not due"
+        );
+        // Paying b leaves its deadline behind; it is never due again.
+        let paid = change(book.plan(b.id, b.user_id, Action::Pay, now - Duration::minutes(1)));
+        book.apply_change(paid);
+        book.confirm(b.id);
+        let due: Vec<Uuid> = book.due(now, 10).iter().map(|o| o.id).collect();
+        assert_eq!(due, [a.id]);
+        assert_eq!(book.deadlines.len(), 2, "the stale front entry is dropped");
+        assert_eq!(book.pending_deadlines(), 2);
     }
 }
