@@ -226,7 +226,7 @@ sed -n '1200001,1300000p' "$WORK/tokens.txt" > "$WORK/tokens-c.txt"
 run_wrk live-without "$STREAM_SECONDS" "$RESERVE_CONNECTIONS" -s load-tests/wrk/reserve.lua "$BASE" -- "/api/v1/sales/$LIVE/purchases" "$WORK/tokens-a.txt"
 sleep 2
 STREAM_RSS0=$(ps -o rss= -p $SERVER_PID)
-python3 load-tests/sse-streams.py --base "$BASE" --sale "$LIVE" --count "$STREAMS" \
+target/release/flashsale-streams --addr "127.0.0.1:$PORT" --sale "$LIVE" --count "$STREAMS" \
   --seconds $(( STREAM_SECONDS * 2 + 60 )) --out "$WORK/streams.json" > "$WORK/streams.out" 2>&1 &
 SSE_PID=$!
 for _ in $(seq 1 600); do grep -q '^open' "$WORK/streams.out" && break; sleep 0.1; done

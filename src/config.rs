@@ -43,6 +43,7 @@ pub struct EventSettings {
     pub keepalive_secs: u64,
     pub max_streams: usize,
     pub max_streams_per_ip: u32,
+    pub max_deliveries_per_sec: u64,
     pub admin_interval_ms: u64,
     pub ticket_ttl_secs: u64,
 }

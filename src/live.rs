@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::watch;
 
@@ -25,18 +26,28 @@ pub struct SaleFrame {
     pub version: u64,
     /// The [`SaleView`] as a JSON object.
     pub json: Box<str>,
+    /// The whole server-sent event (`id`, `event: sale`, the view with the
+    /// time it was published as `server_time`), rendered once: every stream
+    /// sends these same bytes, a reference count each.
+    pub event: Bytes,
 }
 
 impl SaleFrame {
     fn new(id: u64, view: &SaleView, version: u64) -> Self {
-        SaleFrame {
+        let mut frame = SaleFrame {
             id,
             status: view.status,
             version,
             json: serde_json::to_string(view)
                 .unwrap_or_else(|_| "{}".to_owned())
                 .into_boxed_str(),
-        }
+            event: Bytes::new(),
+        };
+        frame.event = Bytes::from(format!(
+            "id: {id}\nevent: sale\ndata: {}\n\n",
+            frame.with_time(Utc::now())
+        ));
+        frame
     }
 
     /// The view with the server's clock first (`{"server_time":..,<view>}`),
@@ -79,10 +90,12 @@ impl Catalogue {
     }
 }
 
-/// The latest published state of one sale.
+/// The latest published state of one sale, and its status alone (streams
+/// that space out stock changes still pass a new status on at once).
 #[derive(Debug)]
 pub struct SaleFeed {
     tx: watch::Sender<Arc<SaleFrame>>,
+    status: watch::Sender<SaleStatus>,
     catalogue: Arc<Catalogue>,
 }
 
@@ -90,6 +103,7 @@ impl SaleFeed {
     pub fn new(view: &SaleView, version: u64, catalogue: Arc<Catalogue>) -> Self {
         let feed = SaleFeed {
             tx: watch::Sender::new(Arc::new(SaleFrame::new(1, view, version))),
+            status: watch::Sender::new(view.status),
             catalogue,
         };
         feed.catalogue.bump();
@@ -114,12 +128,20 @@ impl SaleFeed {
         }
         let frame = SaleFrame::new(latest.id + 1, &view(), version);
         self.tx.send_replace(Arc::new(frame));
+        if latest.status != status {
+            self.status.send_replace(status);
+        }
         self.catalogue.bump();
         true
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<SaleFrame>> {
         self.tx.subscribe()
+    }
+
+    /// Changes of status only (live, sold out, paused, ended...).
+    pub fn subscribe_status(&self) -> watch::Receiver<SaleStatus> {
+        self.status.subscribe()
     }
 }
 
@@ -164,7 +186,16 @@ mod tests {
         assert_eq!((latest.id, latest.status), (3, SaleStatus::SoldOut));
         assert!(!rx.has_changed().unwrap_or(true));
         // Status moves with the clock too: same version, new frame.
+        let mut status = feed.subscribe_status();
         assert!(feed.publish_if_changed(|| view(0, SaleStatus::Ended), SaleStatus::Ended, 2));
+        assert_eq!(*status.borrow_and_update(), SaleStatus::Ended);
+        // A stock change alone leaves the status channel quiet.
+        assert!(feed.publish_if_changed(|| view(1, SaleStatus::Ended), SaleStatus::Ended, 3));
+        assert!(!status.has_changed().unwrap_or(true));
+        assert!(feed
+            .latest()
+            .event
+            .starts_with(b"id: 5\nevent: sale\ndata: {\"server_time\":"));
     }
 
     #[test]

@@ -136,10 +136,6 @@ impl TicketKey {
     }
 }
 
-fn event(id: u64, name: &str, data: &str) -> Bytes {
-    Bytes::from(format!("id: {id}\nevent: {name}\ndata: {data}\n\n"))
-}
-
 const KEEPALIVE: &[u8] = b": keepalive\n\n";
 /// Asks EventSource to come back after 2 s when a stream breaks.
 const RETRY: &str = "retry: 2000\n";
@@ -166,20 +162,45 @@ fn slot(state: &AppState, req: &HttpRequest) -> Result<StreamSlot, ApiError> {
     state.streams.take(ip, state.retry_after_secs)
 }
 
-/// Waits for `rx` to change or for the keep-alive period to pass: `None`
-/// when the sender is gone, `Some(false)` on keep-alive.
-async fn next_change<T>(rx: &mut watch::Receiver<T>, keepalive: Duration) -> Option<bool> {
+/// Waits for `rx` to change or for the keep-alive deadline: `None` when the
+/// sender is gone, `Some(false)` on keep-alive (the deadline moves on).
+async fn next_change<T>(
+    rx: &mut watch::Receiver<T>,
+    keepalive_at: &mut tokio::time::Instant,
+    keepalive: Duration,
+) -> Option<bool> {
     tokio::select! {
         changed = rx.changed() => changed.ok().map(|()| true),
-        () = tokio::time::sleep(keepalive) => Some(false),
+        () = tokio::time::sleep_until(*keepalive_at) => {
+            *keepalive_at = tokio::time::Instant::now() + keepalive;
+            Some(false)
+        }
     }
 }
 
+/// How long a stream waits after an event before it looks again: the
+/// sale's publish interval, or longer when so many streams are open that
+/// `events.max_deliveries_per_sec` would be passed (changes in between
+/// coalesce, so each stream still gets the latest state).
+fn gap(state: &AppState) -> Duration {
+    let timings = &state.events;
+    let spread = Duration::from_secs_f64(
+        state.streams.open() as f64 / timings.max_deliveries_per_sec.max(1) as f64,
+    );
+    spread.max(timings.publish_interval)
+}
+
 struct SaleStream {
+    state: web::Data<AppState>,
     rx: watch::Receiver<Arc<SaleFrame>>,
+    /// Wakes a stream waiting out its gap when the status changes.
+    status_rx: watch::Receiver<crate::domain::sale::SaleStatus>,
     /// What goes out before waiting: the retry hint and the current state.
     first: Option<Bytes>,
     keepalive: Duration,
+    keepalive_at: tokio::time::Instant,
+    /// Whether the last thing sent was an event (then the gap is kept).
+    sent_event: bool,
     _slot: StreamSlot,
 }
 
@@ -191,7 +212,7 @@ struct SaleStream {
         (status = 429, description = "rate_limited: too many open streams from this address", body = Problem),
         (status = 503, description = "overloaded: too many open streams", body = Problem)))]
 pub async fn sale_events(
-    state: &AppState,
+    state: &web::Data<AppState>,
     raw_id: &str,
     req: &HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
@@ -201,6 +222,8 @@ pub async fn sale_events(
         .ok_or(ApiError::SaleNotFound)?;
     let slot = slot(state, req)?;
     let mut rx = handle.shared.feed.subscribe();
+    let mut status_rx = handle.shared.feed.subscribe_status();
+    status_rx.borrow_and_update();
     let frame = rx.borrow_and_update().clone();
     let mut first = RETRY.to_owned();
     if last_event_id(req) != Some(frame.id) {
@@ -210,10 +233,15 @@ pub async fn sale_events(
             frame.with_time(Utc::now())
         ));
     }
+    let keepalive = state.events.keepalive;
     let stream = SaleStream {
+        state: state.clone(),
         rx,
+        status_rx,
         first: Some(Bytes::from(first)),
-        keepalive: state.events.keepalive,
+        keepalive,
+        keepalive_at: tokio::time::Instant::now() + keepalive,
+        sent_event: false,
         _slot: slot,
     };
     Ok(sse(futures_util::stream::unfold(
@@ -222,10 +250,19 @@ pub async fn sale_events(
             if let Some(first) = st.first.take() {
                 return Some((Ok(first), st));
             }
-            let changed = next_change(&mut st.rx, st.keepalive).await?;
+            if st.sent_event {
+                // Stock changes wait out the gap; a new status (sold out,
+                // paused...) goes at once.
+                tokio::select! {
+                    () = tokio::time::sleep(gap(&st.state)) => {}
+                    changed = st.status_rx.changed() => changed.ok()?,
+                }
+            }
+            let changed = next_change(&mut st.rx, &mut st.keepalive_at, st.keepalive).await?;
+            st.sent_event = changed;
             let bytes = if changed {
-                let frame = st.rx.borrow_and_update().clone();
-                event(frame.id, "sale", &frame.with_time(Utc::now()))
+                // The frame's own bytes: rendered once for every stream.
+                st.rx.borrow_and_update().event.clone()
             } else {
                 Bytes::from_static(KEEPALIVE)
             };
@@ -241,7 +278,7 @@ struct CatalogueStream {
     sent: HashMap<Uuid, u64>,
     pending: Option<Bytes>,
     keepalive: Duration,
-    min_gap: Duration,
+    keepalive_at: tokio::time::Instant,
     _slot: StreamSlot,
 }
 
@@ -279,14 +316,14 @@ pub async fn all_sales_events(
     let slot = slot(&state, &req)?;
     let rx = state.registry.catalogue.subscribe();
     let unchanged = last_event_id(&req) == Some(*rx.borrow());
-    let (keepalive, min_gap) = (state.events.keepalive, state.events.publish_interval);
+    let keepalive = state.events.keepalive;
     let mut stream = CatalogueStream {
         state,
         rx,
         sent: HashMap::new(),
         pending: None,
         keepalive,
-        min_gap,
+        keepalive_at: tokio::time::Instant::now() + keepalive,
         _slot: slot,
     };
     if unchanged {
@@ -310,8 +347,8 @@ pub async fn all_sales_events(
             }
             loop {
                 // Changes of many sales in a burst go out together.
-                tokio::time::sleep(st.min_gap).await;
-                let changed = next_change(&mut st.rx, st.keepalive).await?;
+                tokio::time::sleep(gap(&st.state)).await;
+                let changed = next_change(&mut st.rx, &mut st.keepalive_at, st.keepalive).await?;
                 if !changed {
                     return Some((Ok(Bytes::from_static(KEEPALIVE)), st));
                 }
@@ -404,6 +441,8 @@ pub async fn admin_events(
 /// The stream settings handlers use.
 pub struct EventTimings {
     pub keepalive: Duration,
+    /// Events all streams may be sent per second before they are spaced out.
+    pub max_deliveries_per_sec: u64,
     pub publish_interval: Duration,
     pub admin_interval: Duration,
     pub ticket_ttl: chrono::Duration,
@@ -413,6 +452,7 @@ impl EventTimings {
     pub fn new(s: &EventSettings) -> Self {
         EventTimings {
             keepalive: Duration::from_secs(s.keepalive_secs.max(1)),
+            max_deliveries_per_sec: s.max_deliveries_per_sec,
             publish_interval: Duration::from_millis(s.publish_interval_ms.max(10)),
             admin_interval: Duration::from_millis(s.admin_interval_ms.max(100)),
             ticket_ttl: chrono::Duration::seconds(i64::try_from(s.ticket_ttl_secs).unwrap_or(60)),
@@ -446,6 +486,7 @@ mod tests {
             keepalive_secs: 15,
             max_streams: 3,
             max_streams_per_ip: 2,
+            max_deliveries_per_sec: 20_000,
             admin_interval_ms: 1000,
             ticket_ttl_secs: 60,
         });

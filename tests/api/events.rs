@@ -81,6 +81,13 @@ impl Stream {
         }
     }
 
+    /// The next event within `within`; fails naming `what` if none comes.
+    async fn expect(&mut self, within: Duration, what: &str) -> Event {
+        self.next(within)
+            .await
+            .unwrap_or_else(|| panic!("{what} within {within:?}"))
+    }
+
     /// Events until one satisfies `done`, within `within`; all of them.
     async fn until(&mut self, within: Duration, done: impl Fn(&Event) -> bool) -> Vec<Event> {
         let deadline = Instant::now() + within;
@@ -111,9 +118,8 @@ async fn a_sale_stream_sends_the_state_then_every_change_coalesced_and_sold_out_
     let path = format!("/api/v1/sales/{sale_id}/events");
     let mut stream = Stream::start(&app, &path, None).await;
     let first = stream
-        .next(Duration::from_secs(2))
-        .await
-        .unwrap_or_else(|| panic!("no first event"));
+        .expect(Duration::from_secs(2), "no first event")
+        .await;
     assert_eq!(first.name, "sale");
     assert_eq!(
         (first.data["id"].as_str(), first.data["stock_left"].as_i64()),
@@ -161,9 +167,8 @@ async fn last_event_id_is_honoured_and_unknown_sales_are_404() {
     let path = format!("/api/v1/sales/{sale_id}/events");
     let mut stream = Stream::start(&app, &path, None).await;
     let first = stream
-        .next(Duration::from_secs(2))
-        .await
-        .unwrap_or_else(|| panic!("no first event"));
+        .expect(Duration::from_secs(2), "no first event")
+        .await;
     drop(stream);
     // A client that has the current state gets nothing until it changes.
     let mut again = Stream::start(&app, &path, Some(&first.id)).await;
@@ -171,16 +176,14 @@ async fn last_event_id_is_honoured_and_unknown_sales_are_404() {
     let (_, token) = mint_shopper(&app.settings);
     assert_eq!(app.purchase(sale_id, &token, None, None).await.0, 201);
     let next = again
-        .next(Duration::from_secs(2))
-        .await
-        .unwrap_or_else(|| panic!("no event after a change"));
+        .expect(Duration::from_secs(2), "no event after a change")
+        .await;
     assert_eq!(next.data["stock_left"], 4);
     // One with an older state gets the current one at once.
     let mut older = Stream::start(&app, &path, Some("0")).await;
     let current = older
-        .next(Duration::from_secs(1))
-        .await
-        .unwrap_or_else(|| panic!("no current state"));
+        .expect(Duration::from_secs(1), "no current state")
+        .await;
     assert_eq!(
         (current.id, current.data["stock_left"].as_i64()),
         (next.id, Some(4))
@@ -203,9 +206,8 @@ async fn the_stream_of_every_sale_shows_new_sales_and_changes() {
         .await;
     let mut stream = Stream::start(&app, "/api/v1/sales/events", None).await;
     let first = stream
-        .next(Duration::from_secs(2))
-        .await
-        .unwrap_or_else(|| panic!("no first event"));
+        .expect(Duration::from_secs(2), "no first event")
+        .await;
     assert_eq!((first.name.as_str(), &first.data["id"]), ("sale", &a["id"]));
     let b = app
         .create_sale(json!({"name": "Second", "stock_total": 2}))
@@ -315,16 +317,14 @@ async fn the_admin_stream_opens_with_a_ticket_never_the_token() {
     .await;
     let mut stream = Stream::start(&app, &format!("/admin/v1/events?ticket={t}"), None).await;
     let first = stream
-        .next(Duration::from_secs(3))
-        .await
-        .unwrap_or_else(|| panic!("no admin event"));
+        .expect(Duration::from_secs(3), "no admin event")
+        .await;
     assert_eq!(first.name, "actors");
     assert_eq!(first.data["stock_actors"][0]["name"], "Watched");
     assert!(first.data["pipeline"]["publisher"]["connected"].is_boolean());
     let second = stream
-        .next(Duration::from_secs(3))
-        .await
-        .unwrap_or_else(|| panic!("no second admin event"));
+        .expect(Duration::from_secs(3), "no second admin event")
+        .await;
     assert_ne!(first.id, second.id);
     app.teardown().await;
 }

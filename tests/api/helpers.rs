@@ -523,6 +523,15 @@ impl TestApp {
         (status, res.json().await.unwrap_or_default())
     }
 
+    /// `GET /admin/v1/actors`: every stock actor and the order pipeline.
+    pub async fn actors_status(&self) -> Value {
+        self.get("/admin/v1/actors", Some(ADMIN_TOKEN))
+            .await
+            .json()
+            .await
+            .unwrap_or_default()
+    }
+
     /// The admin view of a sale.
     pub async fn admin_sale(&self, sale_id: &str) -> Value {
         self.get(&format!("/admin/v1/sales/{sale_id}"), Some(ADMIN_TOKEN))

@@ -439,15 +439,7 @@ async fn orders_leave_memory_once_postgres_holds_them_and_reads_go_on() {
         .call(&format!("/api/v1/orders/{}/payment", ids[0]), &token)
         .await;
     assert_eq!(status, 200, "{paid}");
-    let directory = || async {
-        let status: Value = app
-            .get("/admin/v1/actors", Some(ADMIN_TOKEN))
-            .await
-            .json()
-            .await
-            .unwrap_or_default();
-        status["pipeline"]["directory_orders"].as_u64()
-    };
+    let directory = || async { app.actors_status().await["pipeline"]["directory_orders"].as_u64() };
     assert!(directory().await.is_some_and(|n| n > 0));
     wait_for("the directory to empty", || async {
         directory().await == Some(0)

@@ -12,13 +12,7 @@ use crate::helpers::{
 
 /// The admin status of one stock actor.
 async fn actor(app: &TestApp, sale_id: &str) -> Value {
-    let status: Value = app
-        .get("/admin/v1/actors", Some(ADMIN_TOKEN))
-        .await
-        .json()
-        .await
-        .unwrap_or_default();
-    status["stock_actors"]
+    app.actors_status().await["stock_actors"]
         .as_array()
         .and_then(|all| all.iter().find(|a| a["sale_id"] == sale_id).cloned())
         .unwrap_or_default()
@@ -54,12 +48,7 @@ async fn settled_orders_leave_the_book_and_every_answer_stays_the_same() {
     // holds them the directory forgets them too.
     wait_for("the book and the directory to let go", || async {
         let a = actor(&app, sale_id).await;
-        let status: Value = app
-            .get("/admin/v1/actors", Some(ADMIN_TOKEN))
-            .await
-            .json()
-            .await
-            .unwrap_or_default();
+        let status = app.actors_status().await;
         a["orders_in_play"] == 0 && status["pipeline"]["directory_orders"] == 0
     })
     .await;

@@ -132,6 +132,12 @@ test('an admin creates a sale and pauses it; the shop shows it paused without re
   await eventually('paused in the shop', () => statusText(shop, name), (t) => t === 'Paused');
   await eventually('resume offered', () => dashboard.getByRole('button', { name: `Resume ${name}` }).count(), (n) => n === 1);
   await eventually('paused on the dashboard', () => row.locator('.status').textContent(), (t) => t === 'paused');
+  // An edit sends only what changed (a started sale refuses a new start).
+  await dashboard.getByRole('button', { name: `Edit ${name}` }).click();
+  await dashboard.getByLabel('Name', { exact: true }).fill(`${name} XL`);
+  await dashboard.getByRole('button', { name: 'Save changes' }).click();
+  await eventually('the edit saved', () => dashboard.locator('#answer').textContent(), (t) => (t || '').startsWith(`${name} XL saved`));
+  await eventually('renamed in the shop', () => shop.locator('li.card h3').allTextContents(), (names) => names.includes(`${name} XL`));
   const figures = await dashboard.locator('#pipeline dt').allTextContents();
   assert.ok(figures.includes('Queue depth') && figures.includes('Dead letters'), figures.join(', '));
   await dashboard.screenshot({ path: `${shots}admin.png`, fullPage: true });
