@@ -43,11 +43,13 @@ impl SaleFrame {
                 .into_boxed_str(),
             event: Bytes::new(),
         };
-        frame.event = Bytes::from(format!(
-            "id: {id}\nevent: sale\ndata: {}\n\n",
-            frame.with_time(Utc::now())
-        ));
+        frame.event = Bytes::from(frame.event_at(id, Utc::now()));
         frame
+    }
+
+    /// The server-sent event `sale` with id `id`, the view as of `now`.
+    pub fn event_at(&self, id: u64, now: DateTime<Utc>) -> String {
+        format!("id: {id}\nevent: sale\ndata: {}\n\n", self.with_time(now))
     }
 
     /// The view with the server's clock first (`{"server_time":..,<view>}`),

@@ -199,16 +199,26 @@ impl SaleHandle {
         }
     }
 
-    /// The actor's address while it runs.
-    pub fn addr(&self) -> Option<Addr<StockActor>> {
-        match self.addr.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+    fn slot(&self) -> std::sync::RwLockReadGuard<'_, Option<Addr<StockActor>>> {
+        self.addr
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn slot_mut(&self) -> std::sync::RwLockWriteGuard<'_, Option<Addr<StockActor>>> {
+        self.addr
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The actor's address while it runs.
+    pub fn addr(&self) -> Option<Addr<StockActor>> {
+        self.slot().clone()
+    }
+
+    /// Checked on every purchase: no address is cloned for it.
     pub fn is_running(&self) -> bool {
-        self.addr().is_some_and(|a| a.connected())
+        self.slot().as_ref().is_some_and(Addr::connected)
     }
 
     /// Hands a purchase or an order action to the actor within the mailbox
@@ -220,10 +230,7 @@ impl SaleHandle {
     {
         // Held across the send: an idle actor detaches only while no
         // message is on its way to it (`detach_if_idle`).
-        let guard = match self.addr.read() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let guard = self.slot();
         let Some(addr) = guard.as_ref() else {
             return Err(SendRefused::Stopped);
         };
@@ -247,10 +254,7 @@ impl SaleHandle {
     /// The actor, about to stop, lets go of its address unless a purchase or
     /// an action is waiting in its mailbox. True when it let go.
     pub(super) fn detach_if_idle(&self) -> bool {
-        let mut guard = match self.addr.write() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut guard = self.slot_mut();
         if self.shared.mailbox_depth() > 0 {
             return false;
         }
@@ -260,10 +264,7 @@ impl SaleHandle {
 
     /// A restarted actor takes its place.
     pub(super) fn attach(&self, addr: Addr<StockActor>) {
-        match self.addr.write() {
-            Ok(mut g) => *g = Some(addr),
-            Err(poisoned) => *poisoned.into_inner() = Some(addr),
-        }
+        *self.slot_mut() = Some(addr);
     }
 }
 

@@ -167,12 +167,12 @@ fn slot(state: &AppState, req: &HttpRequest) -> Result<StreamSlot, ApiError> {
 async fn next_change<T>(
     rx: &mut watch::Receiver<T>,
     keepalive_at: &mut tokio::time::Instant,
-    keepalive: Duration,
+    state: &AppState,
 ) -> Option<bool> {
     tokio::select! {
         changed = rx.changed() => changed.ok().map(|()| true),
         () = tokio::time::sleep_until(*keepalive_at) => {
-            *keepalive_at = tokio::time::Instant::now() + keepalive;
+            *keepalive_at = tokio::time::Instant::now() + state.events.keepalive;
             Some(false)
         }
     }
@@ -197,7 +197,6 @@ struct SaleStream {
     status_rx: watch::Receiver<crate::domain::sale::SaleStatus>,
     /// What goes out before waiting: the retry hint and the current state.
     first: Option<Bytes>,
-    keepalive: Duration,
     keepalive_at: tokio::time::Instant,
     /// Whether the last thing sent was an event (then the gap is kept).
     sent_event: bool,
@@ -227,20 +226,14 @@ pub async fn sale_events(
     let frame = rx.borrow_and_update().clone();
     let mut first = RETRY.to_owned();
     if last_event_id(req) != Some(frame.id) {
-        first.push_str(&format!(
-            "id: {}\nevent: sale\ndata: {}\n\n",
-            frame.id,
-            frame.with_time(Utc::now())
-        ));
+        first.push_str(&frame.event_at(frame.id, Utc::now()));
     }
-    let keepalive = state.events.keepalive;
     let stream = SaleStream {
         state: state.clone(),
         rx,
         status_rx,
         first: Some(Bytes::from(first)),
-        keepalive,
-        keepalive_at: tokio::time::Instant::now() + keepalive,
+        keepalive_at: tokio::time::Instant::now() + state.events.keepalive,
         sent_event: false,
         _slot: slot,
     };
@@ -258,7 +251,7 @@ pub async fn sale_events(
                     changed = st.status_rx.changed() => changed.ok()?,
                 }
             }
-            let changed = next_change(&mut st.rx, &mut st.keepalive_at, st.keepalive).await?;
+            let changed = next_change(&mut st.rx, &mut st.keepalive_at, &st.state).await?;
             st.sent_event = changed;
             let bytes = if changed {
                 // The frame's own bytes: rendered once for every stream.
@@ -277,7 +270,6 @@ struct CatalogueStream {
     /// The frame id last sent of each sale.
     sent: HashMap<Uuid, u64>,
     pending: Option<Bytes>,
-    keepalive: Duration,
     keepalive_at: tokio::time::Instant,
     _slot: StreamSlot,
 }
@@ -295,10 +287,7 @@ impl CatalogueStream {
                 continue;
             }
             self.sent.insert(id, frame.id);
-            out.push_str(&format!(
-                "id: {generation}\nevent: sale\ndata: {}\n\n",
-                frame.with_time(now)
-            ));
+            out.push_str(&frame.event_at(generation, now));
         }
         (!out.is_empty()).then(|| Bytes::from(out))
     }
@@ -316,14 +305,13 @@ pub async fn all_sales_events(
     let slot = slot(&state, &req)?;
     let rx = state.registry.catalogue.subscribe();
     let unchanged = last_event_id(&req) == Some(*rx.borrow());
-    let keepalive = state.events.keepalive;
+    let keepalive_at = tokio::time::Instant::now() + state.events.keepalive;
     let mut stream = CatalogueStream {
         state,
         rx,
         sent: HashMap::new(),
         pending: None,
-        keepalive,
-        keepalive_at: tokio::time::Instant::now() + keepalive,
+        keepalive_at,
         _slot: slot,
     };
     if unchanged {
@@ -348,7 +336,7 @@ pub async fn all_sales_events(
             loop {
                 // Changes of many sales in a burst go out together.
                 tokio::time::sleep(gap(&st.state)).await;
-                let changed = next_change(&mut st.rx, &mut st.keepalive_at, st.keepalive).await?;
+                let changed = next_change(&mut st.rx, &mut st.keepalive_at, &st.state).await?;
                 if !changed {
                     return Some((Ok(Bytes::from_static(KEEPALIVE)), st));
                 }

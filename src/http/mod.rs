@@ -30,8 +30,8 @@ use tracing::Instrument;
 
 use self::error::ApiError;
 use crate::actors::order_writer::WriterStats;
-use crate::actors::registry::SaleRegistry;
-use crate::actors::stock::StockDeps;
+use crate::actors::registry::{SaleHandle, SaleRegistry};
+use crate::actors::stock::{StockActor, StockDeps};
 use crate::auth::{AdminToken, PasswordPool, TokenKeys};
 use crate::config::SalesSettings;
 use crate::metrics::{route_label, HttpLabels, Metrics, RouteLabels};
@@ -142,6 +142,25 @@ impl AppState {
     /// Start-up recovery is still draining the order log.
     pub fn recovering(&self) -> bool {
         !self.recovered.load(Ordering::Acquire) && !self.stopping.load(Ordering::Acquire)
+    }
+
+    /// The sale's actor, started again if it had stopped (its sale ended):
+    /// the start goes on in a task of its own, so a caller that gives up
+    /// after `orders.confirm_timeout_ms` leaves it to finish for the next one.
+    pub async fn running_actor(
+        &self,
+        handle: &Arc<SaleHandle>,
+    ) -> Result<actix::Addr<StockActor>, ApiError> {
+        let (handle, deps) = (handle.clone(), self.stock.clone());
+        let start = tokio::spawn(async move { StockActor::running(&handle, &deps).await });
+        match tokio::time::timeout(self.confirm_timeout, start).await {
+            Ok(Ok(Ok(addr))) => Ok(addr),
+            Ok(Ok(Err(e))) => Err(e.into()),
+            Ok(Err(_)) | Err(_) => Err(ApiError::Unavailable {
+                reason: "the sale is starting",
+                retry_after_secs: self.retry_after_secs,
+            }),
+        }
     }
 }
 

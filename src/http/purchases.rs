@@ -5,6 +5,8 @@
 //! handler then waits for the order log to make the order durable; only then
 //! does it answer 201.
 
+use std::sync::Arc;
+
 use actix_web::dev::Payload;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -19,10 +21,6 @@ use super::error::{ApiError, Problem};
 use super::json::{is_json, parse_json, read_body};
 use super::sales::sale_id;
 use super::AppState;
-use std::sync::Arc;
-
-use actix::Addr;
-
 use crate::actors::registry::{KeyCheck, KeyUse, SaleHandle, SendRefused};
 use crate::actors::stock::{ActionReply, OrderAction, PurchaseReply, Reserve, StockActor};
 use crate::domain::order::{Order, OrderStatus};
@@ -187,25 +185,6 @@ pub async fn purchase(
     }
 }
 
-/// The sale's actor, started again if it had stopped (its sale ended):
-/// the start goes on in a task of its own, so a caller that gives up after
-/// `orders.confirm_timeout_ms` leaves it to finish for the next one.
-pub(crate) async fn wake(
-    state: &AppState,
-    handle: &Arc<SaleHandle>,
-) -> Result<Addr<StockActor>, ApiError> {
-    let (handle, deps) = (handle.clone(), state.stock.clone());
-    let start = tokio::spawn(async move { StockActor::running(&handle, &deps).await });
-    match tokio::time::timeout(state.confirm_timeout, start).await {
-        Ok(Ok(Ok(addr))) => Ok(addr),
-        Ok(Ok(Err(e))) => Err(e.into()),
-        Ok(Err(_)) | Err(_) => Err(ApiError::Unavailable {
-            reason: "the sale is starting",
-            retry_after_secs: state.retry_after_secs,
-        }),
-    }
-}
-
 /// Hands `msg` to the sale's actor within its mailbox bound and waits, up to
 /// `orders.confirm_timeout_ms`, for the answer on `reply`: `None` when none
 /// came in time (the order may still become durable).
@@ -221,7 +200,7 @@ where
 {
     let retry_after_secs = state.retry_after_secs;
     if !handle.is_running() {
-        wake(state, handle).await?;
+        state.running_actor(handle).await?;
     }
     handle.send_bounded(msg).map_err(|refused| match refused {
         SendRefused::MailboxFull => ApiError::Overloaded { retry_after_secs },

@@ -180,7 +180,8 @@ async fn change(
     change: SaleChange,
 ) -> Result<HttpResponse, ApiError> {
     let h = handle(state, sale_id(raw_id)?)?;
-    let sale = super::purchases::wake(state, &h)
+    let sale = state
+        .running_actor(&h)
         .await?
         .send(ChangeSale(change))
         .await

@@ -285,24 +285,15 @@ impl Database {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
-        let rows = match only {
-            Some(id) => {
-                let sql = format!("{ORDER_COLUMNS} WHERE sale_id = $1 AND status <> 'void'");
-                tx.query_raw(
-                    sql.as_str(),
-                    [&id as &(dyn tokio_postgres::types::ToSql + Sync)],
-                )
-                .await?
-            }
-            None => {
-                let sql = format!("{ORDER_COLUMNS} WHERE status <> 'void'");
-                tx.query_raw(
-                    sql.as_str(),
-                    std::iter::empty::<&(dyn tokio_postgres::types::ToSql + Sync)>(),
-                )
-                .await?
-            }
-        };
+        let sql = format!(
+            "{ORDER_COLUMNS} WHERE ($1::uuid IS NULL OR sale_id = $1) AND status <> 'void'"
+        );
+        let rows = tx
+            .query_raw(
+                sql.as_str(),
+                [&only as &(dyn tokio_postgres::types::ToSql + Sync)],
+            )
+            .await?;
         let mut rows = std::pin::pin!(rows);
         while let Some(row) = rows.next().await {
             if let Some(order) = order_from_row(&row?) {

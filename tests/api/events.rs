@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_problem, mint_shopper, spawn_app, spawn_app_with, test_settings, TestApp, ADMIN_TOKEN,
+    assert_problem, header, mint_shopper, spawn_app, spawn_app_with, test_settings, TestApp,
+    ADMIN_TOKEN,
 };
 
 /// One server-sent event.
@@ -37,13 +38,7 @@ impl Stream {
     async fn start(app: &TestApp, path: &str, last_id: Option<&str>) -> Stream {
         let res = Self::open(app, path, last_id).await;
         assert_eq!(res.status().as_u16(), 200, "{path}");
-        let ct = res
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        assert_eq!(ct, "text/event-stream");
+        assert_eq!(header(&res, "content-type"), "text/event-stream");
         Stream {
             res,
             buf: String::new(),
@@ -343,21 +338,14 @@ async fn pages_are_served_with_their_types_a_strict_policy_and_etags() {
     ] {
         let res = app.get(path, None).await;
         assert_eq!(res.status().as_u16(), 200, "{path}");
-        let header = |name: &str| {
-            res.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned()
-        };
-        assert_eq!(header("content-type"), ct, "{path}");
-        let csp = header("content-security-policy");
+        assert_eq!(header(&res, "content-type"), ct, "{path}");
+        let csp = header(&res, "content-security-policy");
         assert!(
             csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
             "{path}: {csp}"
         );
-        assert_eq!(header("x-content-type-options"), "nosniff");
-        let etag = header("etag");
+        assert_eq!(header(&res, "x-content-type-options"), "nosniff");
+        let etag = header(&res, "etag");
         assert!(etag.starts_with('"'), "{path}: {etag}");
         let again = app
             .client

@@ -294,15 +294,19 @@ pub fn sale_body(overrides: Value) -> Value {
     body
 }
 
+/// A response header as text ("" when absent or not text).
+pub fn header(res: &reqwest::Response, name: &str) -> String {
+    res.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Asserts a problem answer and returns its body.
 pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(res.status().as_u16(), status, "status for {code}");
-    let ct = res
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let ct = header(&res, "content-type");
     assert!(
         ct.starts_with("application/problem+json"),
         "content type {ct}"
