@@ -439,8 +439,10 @@ async fn orders_leave_memory_once_postgres_holds_them_and_reads_go_on() {
         .call(&format!("/api/v1/orders/{}/payment", ids[0]), &token)
         .await;
     assert_eq!(status, 200, "{paid}");
+    // (The writers may already have stored both orders and told the
+    // directory by now, so how many it still holds at this instant is not
+    // asserted: only that it empties and reads go on from PostgreSQL.)
     let directory = || async { app.actors_status().await["pipeline"]["directory_orders"].as_u64() };
-    assert!(directory().await.is_some_and(|n| n > 0));
     wait_for("the directory to empty", || async {
         directory().await == Some(0)
     })
