@@ -103,13 +103,13 @@ pub struct SaleFeed {
 
 impl SaleFeed {
     pub fn new(view: &SaleView, version: u64, catalogue: Arc<Catalogue>) -> Self {
-        let feed = SaleFeed {
+        // A new sale is announced by the registry once it can be found
+        // there (`SaleRegistry::insert`), not here.
+        SaleFeed {
             tx: watch::Sender::new(Arc::new(SaleFrame::new(1, view, version))),
             status: watch::Sender::new(view.status),
             catalogue,
-        };
-        feed.catalogue.bump();
-        feed
+        }
     }
 
     pub fn latest(&self) -> Arc<SaleFrame> {

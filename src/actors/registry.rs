@@ -451,6 +451,8 @@ impl SaleRegistry {
     pub fn insert(&self, id: Uuid, handle: SaleHandle) -> Arc<SaleHandle> {
         let handle = Arc::new(handle);
         self.sales.insert(id, handle.clone());
+        // Streams of every sale look for it now that it can be found.
+        self.catalogue.bump();
         handle
     }
 
