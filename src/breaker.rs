@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::config::StorageMode;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BreakerState {
@@ -141,29 +143,38 @@ impl CircuitBreaker {
     }
 }
 
-/// The three breakers, shared by whoever calls the dependency.
+/// The breakers, shared by whoever calls the dependency: the three services
+/// of services mode, and the SQLite file of embedded mode.
 #[derive(Debug)]
 pub struct Breakers {
     pub rabbitmq: CircuitBreaker,
     pub postgres: CircuitBreaker,
     pub redis: CircuitBreaker,
+    pub sqlite: CircuitBreaker,
+    mode: StorageMode,
 }
 
 impl Breakers {
-    pub fn new(threshold: u32, open_for: Duration) -> Self {
+    pub fn new(threshold: u32, open_for: Duration, mode: StorageMode) -> Self {
         Breakers {
             rabbitmq: CircuitBreaker::new(threshold, open_for),
             postgres: CircuitBreaker::new(threshold, open_for),
             redis: CircuitBreaker::new(threshold, open_for),
+            sqlite: CircuitBreaker::new(threshold, open_for),
+            mode,
         }
     }
 
-    pub fn all(&self) -> [(&'static str, &CircuitBreaker); 3] {
-        [
-            ("rabbitmq", &self.rabbitmq),
-            ("postgres", &self.postgres),
-            ("redis", &self.redis),
-        ]
+    /// The breakers of the dependencies this mode has.
+    pub fn all(&self) -> Vec<(&'static str, &CircuitBreaker)> {
+        match self.mode {
+            StorageMode::Services => vec![
+                ("rabbitmq", &self.rabbitmq),
+                ("postgres", &self.postgres),
+                ("redis", &self.redis),
+            ],
+            StorageMode::Embedded => vec![("sqlite", &self.sqlite)],
+        }
     }
 }
 

@@ -22,6 +22,7 @@ pub const ENV_PREFIX: &str = "FLASHSALE";
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
+    pub storage: StorageSettings,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub rabbitmq: RabbitSettings,
@@ -62,6 +63,34 @@ pub struct ServerSettings {
     pub backlog: u32,
     pub shutdown_timeout_secs: u64,
     pub readiness_cache_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    pub mode: StorageMode,
+    pub path: std::path::PathBuf,
+    pub read_connections: usize,
+    pub busy_timeout_ms: u64,
+}
+
+/// Where the order log and the store live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageMode {
+    /// One SQLite file is the order log and the store; nothing to install.
+    Embedded,
+    /// RabbitMQ (the order log), PostgreSQL (the store), Redis (snapshots).
+    Services,
+}
+
+impl StorageMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageMode::Embedded => "embedded",
+            StorageMode::Services => "services",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -278,6 +307,12 @@ impl Settings {
             || o.writer_prefetch == 0
         {
             return fail("orders.batch_max_orders, max_unconfirmed_batches, publish_queue_capacity, writers and writer_prefetch must be at least 1");
+        }
+        if self.storage.read_connections == 0 {
+            return fail("storage.read_connections must be at least 1");
+        }
+        if self.storage.path.as_os_str().is_empty() {
+            return fail("storage.path must not be empty");
         }
         if self.stock.mailbox_capacity == 0 {
             return fail("stock.mailbox_capacity must be at least 1");

@@ -7,8 +7,10 @@
 //! # Layout
 //! - [`config`]: layered settings (`config.toml`, environment, flags).
 //! - [`domain`]: the rules as plain data, with unit tests.
-//! - [`actors`]: the stock actors (one per sale) and the order writers.
-//! - [`persistence`]: PostgreSQL, Redis and RabbitMQ.
+//! - [`actors`]: the stock actors (one per sale) and their registry.
+//! - [`order_log`]: the group commit that makes decisions durable, its
+//!   sinks (SQLite, RabbitMQ), the writers into PostgreSQL and recovery.
+//! - [`persistence`]: the store (SQLite or PostgreSQL), Redis and RabbitMQ.
 //! - [`http`]: routes, extractors, and errors mapped to problem answers.
 //! - [`startup`]: [`startup::Application`], used by the binary and the tests.
 //!
@@ -22,6 +24,7 @@ pub mod domain;
 pub mod http;
 pub mod live;
 pub mod metrics;
+pub mod order_log;
 pub mod payments;
 pub mod persistence;
 pub mod startup;

@@ -16,21 +16,22 @@ use actix_web::rt::task::JoinHandle;
 use actix_web::{web, App, HttpServer};
 use tokio::sync::Notify;
 
-use crate::actors::order_writer::{
-    drain_queue, wait_drained, DrainProgress, OrderWriter, StopWriter, WriterConfig, WriterStats,
-};
 use crate::actors::registry::SaleRegistry;
 use crate::actors::stock::{Reopen, StockActor, StockDeps};
 use crate::auth::{AdminToken, PasswordPool, Passwords, TokenKeys};
 use crate::breaker::Breakers;
-use crate::config::{RabbitSettings, Settings};
+use crate::config::{RabbitSettings, Settings, StorageMode};
 use crate::http::json::BodyLimit;
 use crate::http::limits::RateLimits;
 use crate::http::{self, AppState};
 use crate::metrics::{Metrics, StateCollector};
-use crate::persistence::postgres::Database;
-use crate::persistence::publisher::{OrderPublisher, PublisherDeps};
+use crate::order_log::drain::{drain_queue, wait_drained, DrainProgress};
+use crate::order_log::sink::{OrderPublisher, PublisherDeps, RabbitSink, SqliteSink};
+use crate::order_log::writer::{OrderWriter, StopWriter, WriterConfig, WriterStats};
+use crate::persistence::postgres::PostgresStore;
 use crate::persistence::redis::RedisStore;
+use crate::persistence::sqlite::SqliteStore;
+use crate::persistence::store::SharedStore;
 use crate::persistence::{rabbit, Unreachable};
 use prometheus_client::registry::Registry;
 
@@ -71,9 +72,12 @@ pub struct Application {
 struct Pipeline {
     publisher: OrderPublisher,
     publisher_task: tokio::sync::oneshot::Receiver<()>,
+    /// The writers from RabbitMQ into PostgreSQL (services mode; none in
+    /// embedded mode, where a confirmed batch is already in the store).
     writers: Vec<Addr<OrderWriter>>,
     writer_stats: Arc<WriterStats>,
-    rabbit: RabbitSettings,
+    /// The broker the writers drain at shutdown (services mode).
+    rabbit: Option<RabbitSettings>,
     arbiter: actix::Arbiter,
     shutdown_timeout: Duration,
 }
@@ -93,48 +97,69 @@ impl Application {
     /// Returns once ready, so tests and the binary get a serving application.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         check_secrets(&settings)?;
-        let db = Database::connect(&settings.database).await?;
-        let redis = RedisStore::connect(&settings.redis).await?;
-        check_broker(&settings.rabbitmq).await?;
+        let mode = settings.storage.mode;
+        let storage = Storage::open(&settings).await?;
+        let store = storage.store.clone();
 
         let writer_stats = Arc::new(WriterStats::default());
         let breakers = Arc::new(Breakers::new(
             settings.breakers.failure_threshold,
             Duration::from_millis(settings.breakers.open_ms),
+            mode,
         ));
         let limits = RateLimits::new(&settings.limits).map_err(StartupError::Config)?;
         let mut metrics_registry = Registry::with_prefix(crate::metrics::name::PREFIX);
         let metrics = Metrics::register(&mut metrics_registry);
         let registry = Arc::new(SaleRegistry::default());
-        let writer_config = WriterConfig {
-            directory: registry.clone(),
-            metrics: metrics.clone(),
-            breakers: breakers.clone(),
-            rabbit: settings.rabbitmq.clone(),
-            orders: settings.orders.clone(),
-            database: crate::persistence::postgres::session_config(&settings.database)
-                .map_err(|e| StartupError::Config(format!("database.url: {e}")))?,
+        let writer_config = match mode {
+            StorageMode::Embedded => None,
+            StorageMode::Services => Some(WriterConfig {
+                directory: registry.clone(),
+                metrics: metrics.clone(),
+                breakers: breakers.clone(),
+                rabbit: settings.rabbitmq.clone(),
+                orders: settings.orders.clone(),
+                database: crate::persistence::postgres::session_config(&settings.database)
+                    .map_err(|e| StartupError::Config(format!("database.url: {e}")))?,
+            }),
+        };
+        let writer_count = if writer_config.is_some() {
+            settings.orders.writers
+        } else {
+            0
         };
 
         // The stock actors, the publisher and the writers share one thread
         // of their own (see ARCHITECTURE.md, "Threads").
         let pipeline_arbiter = actix::Arbiter::new();
-        let (publisher, publisher_task) = OrderPublisher::start(
-            &pipeline_arbiter.handle(),
-            PublisherDeps {
-                rabbit: settings.rabbitmq.clone(),
-                orders: settings.orders.clone(),
-                db: db.clone(),
-                writers: writer_stats.clone(),
-                metrics: metrics.clone(),
-                breakers: breakers.clone(),
-            },
-        );
+        let publisher_deps = PublisherDeps {
+            orders: settings.orders.clone(),
+            store: store.clone(),
+            writers: writer_stats.clone(),
+            metrics: metrics.clone(),
+            breakers: breakers.clone(),
+        };
+        let (publisher, publisher_task) = match &storage.sqlite {
+            Some(sqlite) => OrderPublisher::start(
+                &pipeline_arbiter.handle(),
+                SqliteSink {
+                    store: sqlite.clone(),
+                },
+                publisher_deps,
+            ),
+            None => OrderPublisher::start(
+                &pipeline_arbiter.handle(),
+                RabbitSink {
+                    settings: settings.rabbitmq.clone(),
+                },
+                publisher_deps,
+            ),
+        };
         let stock = StockDeps {
             registry: registry.clone(),
             publisher: publisher.clone(),
-            db: db.clone(),
-            redis: redis.clone(),
+            store: store.clone(),
+            snapshots: storage.redis.clone(),
             mailbox_capacity: settings.stock.mailbox_capacity,
             snapshot_interval: Duration::from_millis(settings.stock.snapshot_interval_ms.max(1)),
             expiry_tick: Duration::from_millis(settings.stock.expiry_tick_ms.max(1)),
@@ -143,7 +168,7 @@ impl Application {
             breakers: breakers.clone(),
             arbiter: pipeline_arbiter.handle(),
         };
-        let opened = start_sales_closed(&db, &stock).await?;
+        let opened = start_sales_closed(&store, &stock).await?;
 
         metrics_registry.register_collector(Box::new(StateCollector {
             sales: registry.clone(),
@@ -160,8 +185,9 @@ impl Application {
         )
         .map_err(|e| StartupError::Config(format!("cannot start the password hashers: {e}")))?;
         let state = web::Data::new(AppState {
-            db: db.clone(),
-            redis,
+            mode,
+            store: store.clone(),
+            redis: storage.redis.clone(),
             registry,
             stock,
             publisher: publisher.clone(),
@@ -179,7 +205,7 @@ impl Application {
             max_header_bytes: settings.server.max_header_bytes,
             max_body_bytes: settings.server.max_body_bytes,
             body_timeout: Duration::from_millis(settings.server.client_request_timeout_ms),
-            writer_pool_size: settings.orders.writers,
+            writer_pool_size: writer_count,
             webhook: crate::payments::WebhookVerifier::new(&settings.payments),
             readiness: Default::default(),
             readiness_cache: Duration::from_millis(settings.server.readiness_cache_ms),
@@ -212,38 +238,55 @@ impl Application {
         let serving = actix_web::rt::spawn(server);
         tracing::info!(port, "flashsale listening; recovering the order log");
 
-        // Recovery: the whole log into PostgreSQL, then the books from it.
-        let drained = drain_queue(
-            &writer_config,
-            &writer_stats,
-            Duration::from_secs(settings.orders.recovery_drain_warn_secs),
-            &state.recovery,
-        )
-        .await;
+        // Recovery (services mode): the whole log into PostgreSQL, then the
+        // books from it. In embedded mode a confirmed batch is in the store
+        // already, so the books read at start are the whole log.
+        let drained = match &writer_config {
+            Some(config) => {
+                drain_queue(
+                    config,
+                    &writer_stats,
+                    Duration::from_secs(settings.orders.recovery_drain_warn_secs),
+                    &state.recovery,
+                )
+                .await
+            }
+            None => 0,
+        };
         if drained > 0 {
             tracing::info!(
                 messages = drained,
                 "recovery: order log drained into PostgreSQL"
             );
         }
-        reopen_sales(&db, &state.registry, opened, drained > 0).await;
+        reopen_sales(&store, &state.registry, opened, drained > 0).await;
 
-        let writers = (0..settings.orders.writers)
-            .map(|i| {
-                let writer = OrderWriter::new(i, writer_config.clone(), writer_stats.clone());
-                OrderWriter::start_in_arbiter(&pipeline_arbiter.handle(), move |_| writer)
+        let writers = writer_config
+            .iter()
+            .flat_map(|config| {
+                (0..writer_count).map(|i| {
+                    let writer = OrderWriter::new(i, config.clone(), writer_stats.clone());
+                    OrderWriter::start_in_arbiter(&pipeline_arbiter.handle(), move |_| writer)
+                })
             })
             .collect();
         // Open for business once the pipeline is connected.
         wait_for_pipeline(
             &publisher,
             &writer_stats,
-            settings.orders.writers,
+            writer_count,
             Duration::from_millis(settings.rabbitmq.connect_timeout_ms * 2),
         )
         .await;
         state.recovered.store(true, Ordering::Release);
-        tracing::info!(port, "flashsale ready");
+        match &storage.sqlite {
+            Some(sqlite) => tracing::info!(
+                port,
+                data = %sqlite.path().display(),
+                "flashsale ready in embedded mode: orders, sales and users are in this SQLite file; for PostgreSQL, RabbitMQ and Redis run with --config deploy/services.toml or FLASHSALE__STORAGE__MODE=services"
+            ),
+            None => tracing::info!(port, "flashsale ready in services mode"),
+        }
         Ok(Application {
             port,
             server: (handle, serving),
@@ -254,7 +297,7 @@ impl Application {
                 publisher_task,
                 writers,
                 writer_stats,
-                rabbit: settings.rabbitmq.clone(),
+                rabbit: writer_config.map(|c| c.rabbit),
                 arbiter: pipeline_arbiter,
                 shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_secs),
             },
@@ -322,12 +365,16 @@ async fn stop_pipeline(pipeline: &mut Pipeline) {
     // 3. Publish what is queued and wait for every confirm.
     pipeline.publisher.shutdown();
     let _ = (&mut pipeline.publisher_task).await;
-    // 4. Let the writers drain the queue into PostgreSQL and ack.
-    let drained = match rabbit::open(&pipeline.rabbit, "flashsale-shutdown").await {
+    // 4. Let the writers drain the queue into PostgreSQL and ack (services
+    //    mode; in embedded mode every confirmed batch is in the store).
+    let Some(broker) = &pipeline.rabbit else {
+        return;
+    };
+    let drained = match rabbit::open(broker, "flashsale-shutdown").await {
         Ok((conn, channel)) => {
             let drained = wait_drained(
                 &channel,
-                &pipeline.rabbit.queue,
+                &broker.queue,
                 &pipeline.writer_stats,
                 Duration::from_secs(10),
             )
@@ -375,12 +422,42 @@ fn check_secrets(settings: &Settings) -> Result<(), StartupError> {
     Ok(())
 }
 
-/// Fails start-up clearly when the broker cannot be reached, and declares
-/// the topology so the drain below has a queue to read.
-async fn check_broker(settings: &RabbitSettings) -> Result<(), StartupError> {
-    let (conn, _) = rabbit::open(settings, "flashsale-startup").await?;
-    rabbit::close(&conn, "checked").await;
-    Ok(())
+/// The store and the services of the storage mode, opened (start-up fails
+/// clearly naming the one that cannot be reached).
+struct Storage {
+    store: SharedStore,
+    /// Embedded mode: the SQLite file, also the order log's sink.
+    sqlite: Option<SqliteStore>,
+    /// Services mode: Redis, for snapshots.
+    redis: Option<RedisStore>,
+}
+
+impl Storage {
+    async fn open(settings: &Settings) -> Result<Self, StartupError> {
+        match settings.storage.mode {
+            StorageMode::Embedded => {
+                let sqlite = SqliteStore::open(&settings.storage).await?;
+                Ok(Storage {
+                    store: Arc::new(sqlite.clone()),
+                    sqlite: Some(sqlite),
+                    redis: None,
+                })
+            }
+            StorageMode::Services => {
+                let db = PostgresStore::connect(&settings.database).await?;
+                let redis = RedisStore::connect(&settings.redis).await?;
+                // The broker, with the topology declared so that recovery's
+                // drain has a queue to read.
+                let (conn, _) = rabbit::open(&settings.rabbitmq, "flashsale-startup").await?;
+                rabbit::close(&conn, "checked").await;
+                Ok(Storage {
+                    store: Arc::new(db),
+                    sqlite: None,
+                    redis: Some(redis),
+                })
+            }
+        }
+    }
 }
 
 /// Every `every`, looks up in PostgreSQL the directory's orders at least
@@ -393,7 +470,7 @@ async fn forget_stored_orders(state: web::Data<AppState>, every: Duration) {
         let candidates = state.registry.orders.older_than(every, 50 * CHUNK);
         for chunk in candidates.chunks(CHUNK) {
             let ids: Vec<uuid::Uuid> = chunk.iter().map(|o| o.id).collect();
-            let stored = match state.db.order_statuses(&ids).await {
+            let stored = match state.store.order_statuses(&ids).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(error = %e, "order directory: PostgreSQL not asked this time");
@@ -454,15 +531,18 @@ fn serve(settings: &Settings, state: web::Data<AppState>) -> Result<(Server, u16
 /// Every sale's stock actor, started closed with the book PostgreSQL holds
 /// now (what readers see while the log drains). Returns their ids.
 async fn start_sales_closed(
-    db: &Database,
+    store: &SharedStore,
     stock: &StockDeps,
 ) -> Result<Vec<uuid::Uuid>, StartupError> {
-    let store = |e: crate::persistence::postgres::StoreError| {
-        StartupError::Config(format!("recovery could not read PostgreSQL: {e}"))
+    let failed = |e: crate::persistence::store::StoreError| {
+        StartupError::Config(format!(
+            "recovery could not read the store ({}): {e}",
+            store.engine()
+        ))
     };
-    let sales = db.list_sales().await.map_err(store)?;
+    let sales = store.list_sales().await.map_err(failed)?;
     let ids = sales.iter().map(|s| s.id).collect();
-    for (_, book) in db.restore_books(sales).await.map_err(store)? {
+    for (_, book) in store.restore_books(sales).await.map_err(failed)? {
         StockActor::launch(book, stock, false);
     }
     Ok(ids)
@@ -471,7 +551,7 @@ async fn start_sales_closed(
 /// Opens the sales started closed, once the log is in PostgreSQL: with the
 /// books rebuilt from it when the drain wrote anything (PostgreSQL is read
 /// again until it answers), else with the books read at start.
-async fn reopen_sales(db: &Database, registry: &SaleRegistry, ids: Vec<uuid::Uuid>, reread: bool) {
+async fn reopen_sales(store: &SharedStore, registry: &SaleRegistry, ids: Vec<uuid::Uuid>, reread: bool) {
     let mut books = if reread {
         let sales: Vec<_> = ids
             .iter()
@@ -480,7 +560,7 @@ async fn reopen_sales(db: &Database, registry: &SaleRegistry, ids: Vec<uuid::Uui
             .collect();
         let mut backoff = Duration::from_millis(100);
         loop {
-            match db.restore_books(sales.clone()).await {
+            match store.restore_books(sales.clone()).await {
                 Ok(all) => break Some(all),
                 Err(e) => {
                     tracing::warn!(error = %e, "recovery: cannot read the orders back yet");
@@ -547,8 +627,12 @@ async fn wait_for_stop(handle: &ShutdownHandle) -> &'static str {
     }
 }
 
-/// Creates the database if configured to and applies the migrations, alone.
+/// Creates the store (the SQLite file, or the PostgreSQL database if
+/// configured to) and applies the migrations, alone.
 pub async fn migrate(settings: &Settings) -> Result<(), StartupError> {
-    Database::connect(&settings.database).await?;
+    match settings.storage.mode {
+        StorageMode::Embedded => drop(SqliteStore::open(&settings.storage).await?),
+        StorageMode::Services => drop(PostgresStore::connect(&settings.database).await?),
+    }
     Ok(())
 }

@@ -31,10 +31,10 @@ use crate::domain::sale::{PatchError, Sale, SalePatch, SaleView, TransitionError
 use crate::domain::sale_book::{
     Action, ActionRefused, Durability, Plan, Rejection, Reserved, SaleBook,
 };
-use crate::persistence::order_log::LogEntry;
-use crate::persistence::postgres::{Database, StoreError};
-use crate::persistence::publisher::{OrderPublisher, PublishRefused, PublishRequest, Settled};
+use crate::order_log::sink::{OrderPublisher, PublishRefused, PublishRequest, Settled};
+use crate::order_log::LogEntry;
 use crate::persistence::redis::RedisStore;
+use crate::persistence::store::{SharedStore, StoreError};
 
 /// The answer to a purchase.
 #[derive(Debug)]
@@ -155,8 +155,9 @@ pub struct StockActor {
     shared: Arc<SaleShared>,
     registry: Arc<SaleRegistry>,
     publisher: OrderPublisher,
-    db: Database,
-    redis: RedisStore,
+    store: SharedStore,
+    /// Where snapshots go (services mode); `None`: no snapshots.
+    snapshots: Option<RedisStore>,
     snapshot_interval: Duration,
     expiry_tick: Duration,
     breakers: Arc<crate::breaker::Breakers>,
@@ -179,8 +180,10 @@ pub struct StockActor {
 pub struct StockDeps {
     pub registry: Arc<SaleRegistry>,
     pub publisher: OrderPublisher,
-    pub db: Database,
-    pub redis: RedisStore,
+    pub store: SharedStore,
+    /// Redis, for snapshots in services mode; `None` in embedded mode,
+    /// where readers have the registry's hints and `/admin/v1/actors`.
+    pub snapshots: Option<RedisStore>,
     pub mailbox_capacity: usize,
     pub snapshot_interval: Duration,
     /// How often due reservations are looked for.
@@ -224,8 +227,8 @@ impl StockActor {
                 shared,
                 registry: owned.registry,
                 publisher: owned.publisher,
-                db: owned.db,
-                redis: owned.redis,
+                store: owned.store,
+                snapshots: owned.snapshots,
                 snapshot_interval: owned.snapshot_interval,
                 expiry_tick: owned.expiry_tick,
                 breakers: owned.breakers,
@@ -254,7 +257,7 @@ impl StockActor {
             return Ok(addr);
         }
         let sale = handle.shared.sale().as_ref().clone();
-        let book = deps.db.restore_book(sale).await?;
+        let book = deps.store.restore_book(sale).await?;
         handle.shared.publish_stock(&book);
         record_keys(&book, &deps.registry);
         let addr = Self::start(book, handle.shared.clone(), deps, true);
@@ -372,8 +375,11 @@ impl StockActor {
         {
             return;
         }
-        // Redis down: snapshots pause (the breaker lets one through now and
-        // then); purchases never wait for them.
+        // No snapshots in this mode; or Redis down: snapshots pause (the
+        // breaker lets one through now and then). Purchases never wait.
+        let Some(redis) = self.snapshots.clone() else {
+            return;
+        };
         if !self.breakers.redis.allow() {
             return;
         }
@@ -394,7 +400,6 @@ impl StockActor {
             ("version", version.to_string()),
             ("updated_at", now.to_rfc3339()),
         ];
-        let redis = self.redis.clone();
         let key = redis.key(&format!("sale:{}", self.book.sale().id));
         ctx.spawn(
             async move {
@@ -613,7 +618,7 @@ impl Handler<Settled> for StockActor {
         self.shared.messages_handled.fetch_add(1, Ordering::Relaxed);
         for id in msg.confirmed {
             let order = self.book.confirm(id);
-            if let Some(order) = &order {
+            if let (Some(order), false) = (&order, msg.stored) {
                 self.registry.orders.upsert(order);
             }
             self.answer(id, order.as_ref(), Outcome::Confirmed);
@@ -671,13 +676,13 @@ impl Handler<ChangeSale> for StockActor {
                     ..current.clone()
                 }),
         };
-        let db = self.db.clone();
+        let store = self.store.clone();
         let unchanged = next.as_ref().is_ok_and(|n| n == current);
         AtomicResponse::new(Box::pin(
             async move {
                 let next = next?;
                 if !unchanged {
-                    db.update_sale(&next).await?;
+                    store.update_sale(&next).await?;
                 }
                 Ok(next)
             }

@@ -75,11 +75,18 @@ pub struct WriterPoolStatus {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PipelineStatus {
+    /// `embedded` (SQLite is the order log and the store) or `services`
+    /// (RabbitMQ, the writers, PostgreSQL).
+    pub storage: &'static str,
+    /// The group commit into the order log (RabbitMQ or SQLite).
     pub publisher: PublisherStatus,
-    /// Circuit breakers of RabbitMQ, PostgreSQL and Redis.
+    /// Circuit breakers of the mode's dependencies (RabbitMQ, PostgreSQL
+    /// and Redis; or SQLite).
     pub breakers: std::collections::BTreeMap<&'static str, BreakerSnapshot>,
-    /// Messages ready in the order queue (sampled about once a second).
+    /// Messages ready in the order queue (sampled about once a second;
+    /// always 0 in embedded mode, where a confirmed batch is in the store).
     pub queue_depth: u32,
+    /// The writers from RabbitMQ into PostgreSQL (none in embedded mode).
     pub writers: WriterPoolStatus,
     /// Confirmed orders kept in memory for reads until PostgreSQL holds them.
     pub directory_orders: usize,
@@ -148,6 +155,7 @@ pub fn actors_status(state: &AppState) -> ActorsStatus {
                 .into_iter()
                 .map(|(name, b)| (name, b.snapshot()))
                 .collect(),
+            storage: state.mode.as_str(),
             publisher: PublisherStatus {
                 connected: state.publisher.is_up(),
                 queued: state.publisher.queued(),

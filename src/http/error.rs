@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use crate::auth::PasswordBusy;
 use crate::domain::sale_book::Rejection;
 use crate::domain::ValidationError;
-use crate::persistence::postgres::StoreError;
+use crate::persistence::store::StoreError;
 
 /// The `application/problem+json` body (RFC 9457) with our `code` member.
 #[derive(Debug, Serialize, ToSchema)]
@@ -205,30 +205,9 @@ impl From<StoreError> for ApiError {
                 reason: "the database is unreachable",
                 retry_after_secs: 1,
             },
-            // No SQLSTATE: the connection failed, not the query. That is
-            // the database being away (503), not a bug (500).
-            StoreError::Postgres(e)
-                if e.is_closed() || e.code().is_none_or(|c| passing(c.code())) =>
-            {
-                tracing::warn!(error = %e, "database unreachable");
-                ApiError::Unavailable {
-                    reason: "the database is unreachable",
-                    retry_after_secs: 1,
-                }
-            }
             other => ApiError::internal(other),
         }
     }
-}
-
-/// SQLSTATE classes that say the database is away or busy for now, not that
-/// the query is wrong: connection exceptions, insufficient resources,
-/// operator intervention (a statement cancelled by `statement_timeout`, a
-/// server shutting down) and transaction rollbacks (serialization, deadlock).
-fn passing(sqlstate: &str) -> bool {
-    ["08", "40", "53", "57"]
-        .iter()
-        .any(|class| sqlstate.starts_with(class))
 }
 
 /// Builds a problem answer; also used for answers that do not come from an

@@ -14,6 +14,7 @@ use utoipa::{OpenApi, ToSchema};
 use super::error::PROBLEM_JSON;
 use super::AppState;
 use crate::breaker::BreakerSnapshot;
+use crate::config::StorageMode;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Readiness {
@@ -48,13 +49,21 @@ where
     }
 }
 
-/// The checks of the services, as last looked at.
+/// The checks of the store and the services, as last looked at: `postgres`,
+/// `redis` and `rabbitmq` (the order log) in services mode; `sqlite` and
+/// `order_log` in embedded mode.
 #[derive(Debug, Clone)]
 pub struct ServiceChecks {
     at: std::time::Instant,
-    postgres: String,
-    redis: String,
-    rabbitmq: String,
+    checks: Vec<(&'static str, String)>,
+}
+
+/// The check whose failure stops purchases: the order log's.
+fn order_log_check(mode: StorageMode) -> &'static str {
+    match mode {
+        StorageMode::Services => "rabbitmq",
+        StorageMode::Embedded => "order_log",
+    }
 }
 
 /// The last round trip to every service, reused for
@@ -74,16 +83,25 @@ impl ReadinessCache {
         if let Some(c) = fresh {
             return c;
         }
-        let (postgres, redis, rabbitmq) = tokio::join!(
-            check(state.db.ping()),
-            check(state.redis.ping()),
+        let redis = async {
+            match &state.redis {
+                Some(r) => Some(check(r.ping()).await),
+                None => None,
+            }
+        };
+        let (store, redis, log) = tokio::join!(
+            check(state.store.ping()),
+            redis,
             check(async { state.pipeline_health() }),
         );
+        let mut checks = vec![
+            (state.store.engine(), store),
+            (order_log_check(state.mode), log),
+        ];
+        checks.extend(redis.map(|r| ("redis", r)));
         let checks = ServiceChecks {
             at: std::time::Instant::now(),
-            postgres,
-            redis,
-            rabbitmq,
+            checks,
         };
         if let Ok(mut g) = self.0.lock() {
             *g = Some(checks.clone());
@@ -110,9 +128,9 @@ pub async fn readyz(state: web::Data<AppState>, req: HttpRequest) -> HttpRespons
     let services = state.readiness.checks(&state).await;
     let shown = |c: String| if admin { c } else { public(c) };
     let mut checks = std::collections::BTreeMap::new();
-    checks.insert("postgres", shown(services.postgres));
-    checks.insert("redis", shown(services.redis));
-    checks.insert("rabbitmq", shown(services.rabbitmq));
+    for (name, check) in services.checks {
+        checks.insert(name, shown(check));
+    }
     checks.insert("recovery", state.recovery_status());
     let breakers = state
         .breakers
@@ -126,9 +144,9 @@ pub async fn readyz(state: web::Data<AppState>, req: HttpRequest) -> HttpRespons
             (name, snapshot)
         })
         .collect();
-    // Purchases need recovery and the order log; PostgreSQL and Redis may be
-    // away for a while without refusing a single purchase.
-    let serving = checks["recovery"] == "ok" && checks["rabbitmq"] == "ok";
+    // Purchases need recovery and the order log; the store (in services
+    // mode) and Redis may be away for a while without refusing a purchase.
+    let serving = checks["recovery"] == "ok" && checks[order_log_check(state.mode)] == "ok";
     let all_ok = checks.values().all(|v| v == "ok");
     let body = Readiness {
         status: match (serving, all_ok) {

@@ -29,21 +29,24 @@ use actix_web::{web, HttpMessage, HttpResponse};
 use tracing::Instrument;
 
 use self::error::ApiError;
-use crate::actors::order_writer::WriterStats;
 use crate::actors::registry::{SaleHandle, SaleRegistry};
 use crate::actors::stock::{StockActor, StockDeps};
 use crate::auth::{AdminToken, PasswordPool, TokenKeys};
 use crate::config::SalesSettings;
 use crate::metrics::{route_label, HttpLabels, Metrics, RouteLabels};
 use crate::payments::{PaymentProvider, WebhookVerifier};
-use crate::persistence::postgres::Database;
-use crate::persistence::publisher::OrderPublisher;
+use crate::config::StorageMode;
+use crate::order_log::sink::OrderPublisher;
+use crate::order_log::writer::WriterStats;
 use crate::persistence::redis::RedisStore;
+use crate::persistence::store::SharedStore;
 
 /// What every handler may reach. Built once by `Application::build`.
 pub struct AppState {
-    pub db: Database,
-    pub redis: RedisStore,
+    pub mode: StorageMode,
+    pub store: SharedStore,
+    /// Redis (services mode only), for readiness.
+    pub redis: Option<RedisStore>,
     pub registry: Arc<SaleRegistry>,
     /// What a new stock actor needs (admin create starts one).
     pub stock: StockDeps,
@@ -58,7 +61,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub limits: limits::RateLimits,
     pub breakers: Arc<crate::breaker::Breakers>,
-    /// Admission control: past this many messages waiting in RabbitMQ,
+    /// Admission control: past this many batches appended and not yet in
+    /// the store (messages waiting in RabbitMQ),
     /// purchases are refused before any work.
     pub max_queue_depth: u32,
     pub max_header_bytes: usize,
@@ -75,7 +79,7 @@ pub struct AppState {
     /// Set once start-up recovery has finished; `/readyz` waits for it.
     pub recovered: AtomicBool,
     /// How far recovery's drain of the order log has come.
-    pub recovery: Arc<crate::actors::order_writer::DrainProgress>,
+    pub recovery: Arc<crate::order_log::drain::DrainProgress>,
     /// Set when shutdown begins: purchases are refused from then on.
     pub stopping: AtomicBool,
     pub retry_after_secs: u32,
@@ -117,9 +121,9 @@ impl AppState {
                 .stats()
                 .last_error()
                 .unwrap_or_else(|| "not connected".into());
-            return Err(format!("order publisher cannot reach RabbitMQ: {why}"));
+            return Err(format!("the order log is not open: {why}"));
         }
-        if self.writers.connected.load(Ordering::Relaxed) == 0 {
+        if self.writer_pool_size > 0 && self.writers.connected.load(Ordering::Relaxed) == 0 {
             return Err("no order writer is connected to RabbitMQ".to_owned());
         }
         Ok(())

@@ -16,7 +16,7 @@ use super::AppState;
 use crate::domain::order::Order;
 use crate::domain::ValidationError;
 use crate::payments::{WebhookError, WebhookEvent, WebhookOutcome, SIGNATURE_HEADER};
-use crate::persistence::postgres::EventClaim;
+use crate::persistence::store::EventClaim;
 
 /// What the server did with the event.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -70,7 +70,7 @@ pub async fn webhook(
     // after a lost answer) gets the first delivery's answer, and a refund is
     // never asked for twice.
     match state
-        .db
+        .store
         .claim_payment_event(&event.event_id, order.id)
         .await?
     {
@@ -94,12 +94,12 @@ pub async fn webhook(
     match &handled {
         Ok(reply) => {
             state
-                .db
+                .store
                 .finish_payment_event(&event.event_id, reply.result)
                 .await?
         }
         Err(_) => {
-            if let Err(e) = state.db.forget_payment_event(&event.event_id).await {
+            if let Err(e) = state.store.forget_payment_event(&event.event_id).await {
                 tracing::warn!(error = %e, event_id = %event.event_id, "cannot forget a failed webhook event; it stays claimed");
             }
         }
@@ -114,7 +114,7 @@ const RESULTS: [&str; 4] = ["paid", "already_paid", "refund", "ignored"];
 async fn current_order(state: &AppState, id: uuid::Uuid) -> Result<Order, ApiError> {
     match state.registry.orders.get(id) {
         Some(o) => Ok(o),
-        None => state.db.order(id).await?.ok_or(ApiError::OrderNotFound),
+        None => state.store.order(id).await?.ok_or(ApiError::OrderNotFound),
     }
 }
 

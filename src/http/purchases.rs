@@ -227,7 +227,7 @@ pub async fn list_orders(
     shopper: Shopper,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut orders = state.db.user_orders(shopper.user_id, 500).await?;
+    let mut orders = state.store.user_orders(shopper.user_id, 500).await?;
     // The directory is at least as fresh as PostgreSQL: it wins.
     for fresh in state.registry.orders.for_user(shopper.user_id) {
         match orders.iter_mut().find(|o| o.id == fresh.id) {
@@ -252,7 +252,7 @@ pub async fn get_order(
     let id = order_id(&path)?;
     let order = match state.registry.orders.get(id) {
         Some(o) => Some(o),
-        None => state.db.order(id).await?,
+        None => state.store.order(id).await?,
     };
     match order {
         Some(o) if o.user_id == shopper.user_id => Ok(HttpResponse::Ok().json(o)),
@@ -265,7 +265,7 @@ pub async fn get_order(
 async fn stored_order(state: &AppState, id: Uuid) -> Result<Option<Order>, ApiError> {
     Ok(match state.registry.orders.get(id) {
         Some(o) => Some(o),
-        None => state.db.order(id).await?,
+        None => state.store.order(id).await?,
     })
 }
 

@@ -258,7 +258,7 @@ pub async fn create(
         created_at: now,
         updated_at: now,
     };
-    state.db.insert_sale(&sale).await?;
+    state.store.insert_sale(&sale).await?;
     tracing::info!(sale_id = %sale.id, name = %sale.spec.name, "sale created");
     let h = StockActor::launch(SaleBook::new(sale), &state.stock, true);
     Ok(HttpResponse::Created().json(admin_view(&h, now)))

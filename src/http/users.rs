@@ -10,7 +10,7 @@ use super::error::{ApiError, Problem};
 use super::json::ApiJson;
 use super::{AppState, ClientIp};
 use crate::domain::user::{validate_password, validate_username};
-use crate::persistence::postgres::StoreError;
+use crate::persistence::store::StoreError;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -65,12 +65,12 @@ pub async fn register(
     // no query. A taken name costs no hash (the unique index still decides
     // a race).
     let slot = state.passwords.reserve().map_err(busy)?;
-    if state.db.user_credentials(&username).await?.is_some() {
+    if state.store.user_credentials(&username).await?.is_some() {
         return Err(ApiError::UsernameTaken);
     }
     let hash = slot.hash(password).await.map_err(busy)?;
     let id = Uuid::new_v4();
-    match state.db.insert_user(id, &username, &hash).await {
+    match state.store.insert_user(id, &username, &hash).await {
         Ok(()) => Ok(HttpResponse::Created().json(UserView { id, username })),
         Err(StoreError::Duplicate(_)) => Err(ApiError::UsernameTaken),
         Err(e) => Err(e.into()),
@@ -98,7 +98,7 @@ pub async fn login(
     check_login_quota(&state, &req, Some(&username))?;
     let busy = |b| ApiError::from_busy(b, state.retry_after_secs);
     let slot = state.passwords.reserve().map_err(busy)?;
-    let (user_id, hash) = state.db.user_credentials(&username).await?.unzip();
+    let (user_id, hash) = state.store.user_credentials(&username).await?.unzip();
     let ok = slot.verify(password, hash).await.map_err(busy)?;
     let user_id = match (user_id, ok) {
         (Some(id), true) => id,

@@ -1,13 +1,15 @@
-//! Everything that talks to PostgreSQL, Redis and RabbitMQ.
+//! Everything that talks to a storage engine or a service: SQLite
+//! (embedded mode), PostgreSQL, Redis and RabbitMQ (services mode).
 //!
-//! Each service gets one module that owns its connection set-up, its error
-//! type and its queries, so the rest of the code never sees a driver type.
+//! Each gets one module that owns its connection set-up, its errors and its
+//! statements, so the rest of the code never sees a driver type. The
+//! [`store::Store`] trait is what the rest asks of the source of truth.
 
-pub mod order_log;
 pub mod postgres;
-pub mod publisher;
 pub mod rabbit;
 pub mod redis;
+pub mod sqlite;
+pub mod store;
 
 /// A service could not be reached at start-up. Its message names the
 /// service, the address (never the credentials) and the key to change.

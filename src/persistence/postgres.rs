@@ -1,7 +1,8 @@
-//! PostgreSQL: the source of truth for users, sales and orders.
+//! PostgreSQL, the store of services mode: users, sales and orders.
 //!
-//! One pooled [`Database`] serves request handlers and recovery. Queries live
-//! here as methods so that handlers deal in domain types and one error type.
+//! One pooled [`PostgresStore`] serves request handlers and recovery through
+//! [`Store`]; [`LogApplier`] is an order writer's own session, applying the
+//! order log. Every statement PostgreSQL runs is in this file.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -13,40 +14,40 @@ use secrecy::ExposeSecret;
 use tokio_postgres::{error::SqlState, NoTls, Row};
 use uuid::Uuid;
 
+use super::store::{latest_states, EventClaim, Store, StoreError};
 use super::Unreachable;
 use crate::config::DatabaseSettings;
 use crate::domain::order::{Order, OrderStatus};
 use crate::domain::sale::{Sale, SaleSpec};
 use crate::domain::sale_book::SaleBook;
+use crate::order_log::{ApplyError, LogEntry, LogMessage};
 
 mod embedded {
-    refinery::embed_migrations!("migrations");
+    refinery::embed_migrations!("migrations/postgres");
 }
 
 type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
 
-/// Failures of the store, as the callers need to tell them apart.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// A unique constraint refused the row (the name of the constraint is kept).
-    #[error("unique constraint {0} violated")]
-    Duplicate(String),
-    /// No connection could be had in time: the database is down or saturated.
-    #[error("no database connection available in time")]
-    Unavailable,
-    #[error("database error: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
-}
-
 impl From<bb8::RunError<tokio_postgres::Error>> for StoreError {
     fn from(e: bb8::RunError<tokio_postgres::Error>) -> Self {
         match e {
-            bb8::RunError::User(e) => e.into(),
+            bb8::RunError::User(e) => classify(e),
             bb8::RunError::TimedOut => StoreError::Unavailable,
         }
     }
 }
 
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        classify(e)
+    }
+}
+
+/// A unique violation names what it guards; a failed connection (no
+/// SQLSTATE) or a class that says the database is away or busy for now
+/// (connection exceptions, insufficient resources, operator intervention
+/// such as `statement_timeout`, transaction rollbacks) is `Unavailable`;
+/// the rest is a fault of the statement.
 fn classify(e: tokio_postgres::Error) -> StoreError {
     if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
         let constraint = e
@@ -56,12 +57,17 @@ fn classify(e: tokio_postgres::Error) -> StoreError {
             .to_owned();
         return StoreError::Duplicate(constraint);
     }
-    StoreError::Postgres(e)
+    let passing = |code: &str| ["08", "40", "53", "57"].iter().any(|c| code.starts_with(c));
+    if e.is_closed() || e.code().is_none_or(|c| passing(c.code())) {
+        tracing::warn!(error = %e, "PostgreSQL unreachable");
+        return StoreError::Unavailable;
+    }
+    StoreError::Engine(e.to_string())
 }
 
 /// The pooled PostgreSQL store.
 #[derive(Clone)]
-pub struct Database {
+pub struct PostgresStore {
     pool: Pool,
     /// How long a caller waits for a statement: PostgreSQL cancels it at
     /// `database.statement_timeout_ms`; this is a little longer, for a
@@ -87,7 +93,7 @@ pub fn session_config(
     Ok(config)
 }
 
-impl Database {
+impl PostgresStore {
     /// Connects (creating the database first when configured to), applies the
     /// migrations and builds the pool.
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, Unreachable> {
@@ -116,78 +122,12 @@ impl Database {
             .await
             .map_err(|e| unreachable(&e))?;
         // The pool connects lazily; prove the database answers now.
-        let db = Database {
+        let db = PostgresStore {
             pool,
             deadline: Duration::from_millis(settings.statement_timeout_ms) + Duration::from_secs(1),
         };
         db.ping().await.map_err(|e| unreachable(&e))?;
         Ok(db)
-    }
-
-    /// Round trip to the database, for readiness.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        let conn = self.pool.get().await?;
-        conn.simple_query("SELECT 1").await?;
-        Ok(())
-    }
-
-    pub async fn insert_user(
-        &self,
-        id: Uuid,
-        username: &str,
-        password_hash: &str,
-    ) -> Result<(), StoreError> {
-        let conn = self.pool.get().await?;
-        conn.execute(
-            "INSERT INTO users (id, username, password_hash) VALUES ($1, $2, $3)",
-            &[&id, &username, &password_hash],
-        )
-        .await
-        .map_err(classify)?;
-        Ok(())
-    }
-
-    /// The id and password hash of a user, if the username exists.
-    pub async fn user_credentials(
-        &self,
-        username: &str,
-    ) -> Result<Option<(Uuid, String)>, StoreError> {
-        let conn = self.pool.get().await?;
-        let row = conn
-            .query_opt(
-                "SELECT id, password_hash FROM users WHERE username = $1",
-                &[&username],
-            )
-            .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
-    }
-
-    pub async fn insert_sale(&self, sale: &Sale) -> Result<(), StoreError> {
-        let conn = self.pool.get().await?;
-        let s = &sale.spec;
-        conn.execute(
-            "INSERT INTO sales (id, name, description, price_cents, currency, stock_total, \
-             per_user_limit, starts_at, ends_at, reservation_ttl_secs, paused, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            &[
-                &sale.id,
-                &s.name,
-                &s.description,
-                &s.price_cents,
-                &s.currency,
-                &to_i32(s.stock_total),
-                &to_i32(s.per_user_limit),
-                &s.starts_at,
-                &s.ends_at,
-                &to_i32(s.reservation_ttl_secs),
-                &sale.paused,
-                &sale.created_at,
-                &sale.updated_at,
-            ],
-        )
-        .await
-        .map_err(classify)?;
-        Ok(())
     }
 
     /// Waits for `fut` at most the statement deadline.
@@ -198,12 +138,6 @@ impl Database {
         tokio::time::timeout(self.deadline, fut)
             .await
             .unwrap_or(Err(StoreError::Unavailable))
-    }
-
-    /// Writes a sale's editable fields and pause flag, within the statement
-    /// deadline.
-    pub async fn update_sale(&self, sale: &Sale) -> Result<(), StoreError> {
-        self.bounded(self.update_sale_unbounded(sale)).await
     }
 
     async fn update_sale_unbounded(&self, sale: &Sale) -> Result<(), StoreError> {
@@ -231,45 +165,6 @@ impl Database {
         .await
         .map_err(classify)?;
         Ok(())
-    }
-
-    pub async fn get_sale(&self, id: Uuid) -> Result<Option<Sale>, StoreError> {
-        let conn = self.pool.get().await?;
-        let row = conn
-            .query_opt(&format!("{SALE_COLUMNS} WHERE id = $1"), &[&id])
-            .await?;
-        Ok(row.as_ref().map(sale_from_row))
-    }
-
-    /// Every sale, newest start first.
-    pub async fn list_sales(&self) -> Result<Vec<Sale>, StoreError> {
-        let conn = self.pool.get().await?;
-        let rows = conn
-            .query(&format!("{SALE_COLUMNS} ORDER BY starts_at DESC, id"), &[])
-            .await?;
-        Ok(rows.iter().map(sale_from_row).collect())
-    }
-}
-
-impl Database {
-    /// Rebuilds the book of each of `sales` from the orders PostgreSQL holds
-    /// (void ones aside), one row at a time: the rows are never all in memory
-    /// at once, so a store of millions of orders restarts in the memory its
-    /// books take. A large store takes longer than the statement time-out to
-    /// read, so this one read goes without it.
-    pub async fn restore_books(
-        &self,
-        sales: Vec<Sale>,
-    ) -> Result<HashMap<Uuid, SaleBook>, StoreError> {
-        self.restore_into(sales, None).await
-    }
-
-    /// The book of one sale, rebuilt as [`Database::restore_books`] does (a
-    /// stopped stock actor started again on demand).
-    pub async fn restore_book(&self, sale: Sale) -> Result<SaleBook, StoreError> {
-        let (id, fallback) = (sale.id, sale.clone());
-        let mut books = self.restore_into(vec![sale], Some(id)).await?;
-        Ok(books.remove(&id).unwrap_or_else(|| SaleBook::new(fallback)))
     }
 
     async fn restore_into(
@@ -305,9 +200,107 @@ impl Database {
         tx.commit().await?;
         Ok(books)
     }
+}
+
+#[async_trait::async_trait]
+impl Store for PostgresStore {
+    fn engine(&self) -> &'static str {
+        "postgres"
+    }
+
+    /// Round trip to the database, for readiness.
+    async fn ping(&self) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        conn.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    async fn insert_user(
+        &self,
+        id: Uuid,
+        username: &str,
+        password_hash: &str,
+    ) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        conn.execute(
+            "INSERT INTO users (id, username, password_hash) VALUES ($1, $2, $3)",
+            &[&id, &username, &password_hash],
+        )
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    /// The id and password hash of a user, if the username exists.
+    async fn user_credentials(
+        &self,
+        username: &str,
+    ) -> Result<Option<(Uuid, String)>, StoreError> {
+        let conn = self.pool.get().await?;
+        let row = conn
+            .query_opt(
+                "SELECT id, password_hash FROM users WHERE username = $1",
+                &[&username],
+            )
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    async fn insert_sale(&self, sale: &Sale) -> Result<(), StoreError> {
+        let conn = self.pool.get().await?;
+        let s = &sale.spec;
+        conn.execute(
+            "INSERT INTO sales (id, name, description, price_cents, currency, stock_total, \
+             per_user_limit, starts_at, ends_at, reservation_ttl_secs, paused, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            &[
+                &sale.id,
+                &s.name,
+                &s.description,
+                &s.price_cents,
+                &s.currency,
+                &to_i32(s.stock_total),
+                &to_i32(s.per_user_limit),
+                &s.starts_at,
+                &s.ends_at,
+                &to_i32(s.reservation_ttl_secs),
+                &sale.paused,
+                &sale.created_at,
+                &sale.updated_at,
+            ],
+        )
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+
+    /// Writes a sale's editable fields and pause flag, within the statement
+    /// deadline.
+    async fn update_sale(&self, sale: &Sale) -> Result<(), StoreError> {
+        self.bounded(self.update_sale_unbounded(sale)).await
+    }
+
+    /// Every sale, newest start first.
+    async fn list_sales(&self) -> Result<Vec<Sale>, StoreError> {
+        let conn = self.pool.get().await?;
+        let rows = conn
+            .query(&format!("{SALE_COLUMNS} ORDER BY starts_at DESC, id"), &[])
+            .await?;
+        Ok(rows.iter().map(sale_from_row).collect())
+    }
+
+    /// Streams the rows (one sale's, when asked for one) in a transaction
+    /// without the statement time-out: a large store takes longer to read.
+    async fn restore_books(&self, sales: Vec<Sale>) -> Result<HashMap<Uuid, SaleBook>, StoreError> {
+        let only = match sales.as_slice() {
+            [one] => Some(one.id),
+            _ => None,
+        };
+        self.restore_into(sales, only).await
+    }
 
     /// One order, whoever owns it (callers check ownership).
-    pub async fn order(&self, id: Uuid) -> Result<Option<Order>, StoreError> {
+    async fn order(&self, id: Uuid) -> Result<Option<Order>, StoreError> {
         let conn = self.pool.get().await?;
         let row = conn
             .query_opt(
@@ -319,7 +312,7 @@ impl Database {
     }
 
     /// A user's orders, newest first, at most `limit`.
-    pub async fn user_orders(&self, user_id: Uuid, limit: i64) -> Result<Vec<Order>, StoreError> {
+    async fn user_orders(&self, user_id: Uuid, limit: i64) -> Result<Vec<Order>, StoreError> {
         let conn = self.pool.get().await?;
         let rows = conn
             .query(
@@ -336,22 +329,18 @@ impl Database {
     /// Writes orders in their latest state straight into PostgreSQL, as the
     /// order writers apply log entries (the same idempotent, order-independent
     /// upsert): for decisions whose publish to the log failed.
-    pub async fn write_orders(&self, orders: &[&Order]) -> Result<(), StoreError> {
+    async fn write_orders(&self, orders: &[&Order]) -> Result<(), StoreError> {
         self.bounded(async {
             let conn = self.pool.get().await?;
-            let mut latest: std::collections::BTreeMap<Uuid, &Order> = Default::default();
-            for o in orders {
-                latest.insert(o.id, o);
-            }
-            let orders: Vec<&Order> = latest.into_values().collect();
-            super::order_log::upsert(&conn, super::order_log::UPSERT_ORDERS, &orders).await?;
+            let orders = latest_states(orders.iter().copied());
+            upsert(&conn, UPSERT_ORDERS, &orders).await?;
             Ok(())
         })
         .await
     }
 
     /// The status PostgreSQL holds for each of `ids` that it has.
-    pub async fn order_statuses(
+    async fn order_statuses(
         &self,
         ids: &[Uuid],
     ) -> Result<std::collections::HashMap<Uuid, String>, StoreError> {
@@ -369,7 +358,7 @@ impl Database {
     /// statement: an order PostgreSQL has stands; for every other one a
     /// `void` row takes its id, so that a late copy of the reservation can
     /// never be inserted. Returns the ids voided (release their units).
-    pub async fn void_absent(&self, orders: &[&Order]) -> Result<Vec<Uuid>, StoreError> {
+    async fn void_absent(&self, orders: &[&Order]) -> Result<Vec<Uuid>, StoreError> {
         self.bounded(async {
             let conn = self.pool.get().await?;
             let ids: Vec<Uuid> = orders.iter().map(|o| o.id).collect();
@@ -395,23 +384,10 @@ impl Database {
         })
         .await
     }
-}
 
-/// How a webhook event stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EventClaim {
-    /// First seen now: handle it, then `finish_payment_event`.
-    New,
-    /// Handled before, with this result.
-    Done(String),
-    /// Another delivery of it is being handled right now.
-    InProgress,
-}
-
-impl Database {
     /// Claims a payment webhook event for handling, or tells how an earlier
     /// delivery of it went.
-    pub async fn claim_payment_event(
+    async fn claim_payment_event(
         &self,
         event_id: &str,
         order_id: Uuid,
@@ -444,7 +420,7 @@ impl Database {
     }
 
     /// Records how a claimed event was handled.
-    pub async fn finish_payment_event(
+    async fn finish_payment_event(
         &self,
         event_id: &str,
         result: &str,
@@ -463,7 +439,7 @@ impl Database {
 
     /// Gives a claimed event up (its handling failed): a later delivery
     /// handles it afresh.
-    pub async fn forget_payment_event(&self, event_id: &str) -> Result<(), StoreError> {
+    async fn forget_payment_event(&self, event_id: &str) -> Result<(), StoreError> {
         self.bounded(async {
             let conn = self.pool.get().await?;
             conn.execute(
@@ -475,6 +451,173 @@ impl Database {
         })
         .await
     }
+}
+
+/// Errors in the data itself (bad values, constraint violations) will fail
+/// the same way every time; anything else (connection, serialization,
+/// deadlock, a statement cancelled by its time-out) may pass on a retry.
+///
+/// A unique violation is one of them: the upsert's `ON CONFLICT (id)` takes
+/// every replay of an order, so what is left is a second order for one
+/// (sale, buyer, idempotency key), which no retry will ever write.
+fn classify_apply(e: tokio_postgres::Error) -> ApplyError {
+    match e.code() {
+        Some(code) if code.code().starts_with("22") || code.code().starts_with("23") => {
+            ApplyError::Malformed(e.to_string())
+        }
+        _ => ApplyError::Transient(e.to_string()),
+    }
+}
+
+/// A writer's session with PostgreSQL: its connection, the upsert prepared
+/// once, and the sales it has already seen exist (with their price, for the
+/// v1 entries that carry none).
+///
+/// Applying a message is one prepared statement (atomic on its own, so no
+/// explicit transaction and no extra round trips). `orders.sale_id` has no
+/// foreign key (migration V3): every order of a hot sale would take a
+/// `FOR KEY SHARE` lock on the same `sales` row, and with several writers
+/// PostgreSQL turns those into multixacts, which cost more than the insert.
+/// Sales are never deleted, so the store checks each sale id once per
+/// connection and refuses a message naming an unknown sale, as the foreign
+/// key did.
+pub struct LogApplier {
+    client: tokio_postgres::Client,
+    upsert: tokio_postgres::Statement,
+    known_sales: std::collections::HashMap<uuid::Uuid, (i64, String)>,
+}
+
+/// The one statement every order-log entry is applied with.
+const UPSERT_ORDERS: &str = "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at, price_cents, currency) \
+     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[], \
+                          $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::int8[], $12::text[]) \
+     ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, paid_at = EXCLUDED.paid_at, closed_at = EXCLUDED.closed_at \
+     WHERE orders.status = 'reserved' AND EXCLUDED.status <> 'reserved'";
+
+impl LogApplier {
+    /// Prepares the upsert on `client`.
+    pub async fn new(client: tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
+        let upsert = client.prepare(UPSERT_ORDERS).await?;
+        Ok(LogApplier {
+            client,
+            upsert,
+            known_sales: Default::default(),
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Applies every entry of `msgs`, in their order, with one statement;
+    /// returns the rows inserted or moved (a replayed message moves none).
+    pub async fn apply(&mut self, msgs: &[&LogMessage]) -> Result<u64, ApplyError> {
+        // One row per order, its latest state (a row may be touched only
+        // once per statement), sorted by id so concurrent writers lock in one
+        // order.
+        let orders = latest_states(msgs.iter().flat_map(|m| &m.entries).map(LogEntry::order));
+        if orders.is_empty() {
+            return Ok(0);
+        }
+        self.check_sales(&orders).await?;
+        // Entries of wire v1 carry no price: their sale's price now.
+        let priced: Vec<Order> = orders
+            .iter()
+            .filter(|o| o.currency.is_empty())
+            .filter_map(|o| {
+                let (price, currency) = self.known_sales.get(&o.sale_id)?;
+                Some(Order {
+                    price_cents: *price,
+                    currency: currency.clone(),
+                    ..(*o).clone()
+                })
+            })
+            .collect();
+        let mut orders: Vec<&Order> = orders
+            .into_iter()
+            .filter(|o| !o.currency.is_empty())
+            .chain(&priced)
+            .collect();
+        orders.sort_unstable_by_key(|o| o.id);
+        upsert(&self.client, &self.upsert, &orders)
+            .await
+            .map_err(classify_apply)
+    }
+
+    /// Refuses a message naming a sale that does not exist.
+    async fn check_sales(&mut self, orders: &[&Order]) -> Result<(), ApplyError> {
+        let mut unknown: Vec<uuid::Uuid> = orders
+            .iter()
+            .map(|o| o.sale_id)
+            .filter(|id| !self.known_sales.contains_key(id))
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        unknown.sort_unstable();
+        unknown.dedup();
+        let rows = self
+            .client
+            .query(
+                "SELECT id, price_cents, currency FROM sales WHERE id = ANY($1)",
+                &[&unknown],
+            )
+            .await
+            .map_err(classify_apply)?;
+        for row in rows {
+            let id = row.try_get(0).map_err(classify_apply)?;
+            let price = (
+                row.try_get(1).map_err(classify_apply)?,
+                row.try_get(2).map_err(classify_apply)?,
+            );
+            self.known_sales.insert(id, price);
+        }
+        match unknown.iter().find(|id| !self.known_sales.contains_key(id)) {
+            Some(missing) => Err(ApplyError::Malformed(format!(
+                "order for sale {missing}, which does not exist"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Applies `orders` (each in its latest state, each id once) with
+/// [`UPSERT_ORDERS`], prepared or not.
+async fn upsert<S>(
+    client: &tokio_postgres::Client,
+    statement: &S,
+    orders: &[&Order],
+) -> Result<u64, tokio_postgres::Error>
+where
+    S: tokio_postgres::ToStatement + ?Sized,
+{
+    let ids: Vec<_> = orders.iter().map(|o| o.id).collect();
+    let sales: Vec<_> = orders.iter().map(|o| o.sale_id).collect();
+    let users: Vec<_> = orders.iter().map(|o| o.user_id).collect();
+    let qty: Vec<i32> = orders
+        .iter()
+        .map(|o| i32::try_from(o.quantity).unwrap_or(i32::MAX))
+        .collect();
+    let status: Vec<&str> = orders.iter().map(|o| o.status.as_str()).collect();
+    let keys: Vec<Option<&str>> = orders
+        .iter()
+        .map(|o| o.idempotency_key.as_deref())
+        .collect();
+    let created: Vec<_> = orders.iter().map(|o| o.created_at).collect();
+    let expires: Vec<_> = orders.iter().map(|o| o.expires_at).collect();
+    let paid: Vec<_> = orders.iter().map(|o| o.paid_at).collect();
+    let closed: Vec<_> = orders.iter().map(|o| o.closed_at).collect();
+    let price: Vec<i64> = orders.iter().map(|o| o.price_cents).collect();
+    let currency: Vec<&str> = orders.iter().map(|o| o.currency.as_str()).collect();
+    client
+        .execute(
+            statement,
+            &[
+                &ids, &sales, &users, &qty, &status, &keys, &created, &expires, &paid, &closed,
+                &price, &currency,
+            ],
+        )
+        .await
 }
 
 const ORDER_COLUMNS: &str =

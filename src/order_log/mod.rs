@@ -1,18 +1,32 @@
-//! The order log's entries and how a message is applied to PostgreSQL.
+//! The order log: every decision a stock actor makes, made durable in
+//! batches (group commit) before anyone is told yes.
 //!
-//! One RabbitMQ message carries a batch of entries (group commit). Its bytes
-//! are [`wire`]'s business: a versioned format of its own, so that what
-//! waits in the queue across an upgrade never depends on the API's types. A
-//! writer refuses a version it does not know (to the dead-letter queue)
-//! rather than guess.
+//! Its parts, by role:
+//! - [`wire`]: the bytes of a message that waits in RabbitMQ (services mode),
+//!   a versioned format of its own, never the API's types;
+//! - [`sink`]: the group commit. Stock actors hand entries to an
+//!   [`sink::OrderPublisher`]; one task batches them and appends each batch
+//!   to a [`sink::Sink`]: RabbitMQ (a persistent message, confirmed) or
+//!   SQLite (one transaction, committed with a full sync). The confirm is
+//!   what releases the 201s. Entries in doubt are decided in the store;
+//! - [`writer`]: services mode only, the pool that moves messages from
+//!   RabbitMQ into PostgreSQL;
+//! - [`drain`]: recovery, services mode only: the whole queue into
+//!   PostgreSQL before any sale opens (in embedded mode a committed batch is
+//!   already in the store);
+//! - the store ([`crate::persistence::store`]), where entries end.
 //!
 //! Every entry carries the whole order in its new state, and is applied as
 //! one upsert keyed on the order id that only ever moves an order *out of*
 //! `reserved`. So applying is idempotent (a redelivered message changes
 //! nothing) and order-independent: with several writers a payment may reach
-//! PostgreSQL before its reservation, and the row still ends `paid`.
+//! the store before its reservation, and the row still ends `paid`.
 
+pub mod drain;
+pub mod sink;
 mod wire;
+pub mod writer;
+
 
 use crate::domain::order::Order;
 
@@ -58,7 +72,7 @@ pub enum ApplyError {
     Malformed(String),
     /// The database failed in a way that may pass: retry.
     #[error("transient database error: {0}")]
-    Transient(#[from] tokio_postgres::Error),
+    Transient(String),
 }
 
 /// One message for a batch, in the current wire version, serialised from
@@ -81,178 +95,6 @@ pub fn decode(bytes: &[u8]) -> Result<LogMessage, ApplyError> {
         })
         .collect();
     Ok(LogMessage { entries })
-}
-
-/// Errors in the data itself (bad values, constraint violations) will fail
-/// the same way every time; anything else (connection, serialization,
-/// deadlock, a statement cancelled by its time-out) may pass on a retry.
-///
-/// A unique violation is one of them: the upsert's `ON CONFLICT (id)` takes
-/// every replay of an order, so what is left is a second order for one
-/// (sale, buyer, idempotency key), which no retry will ever write.
-fn classify(e: tokio_postgres::Error) -> ApplyError {
-    match e.code() {
-        Some(code) if code.code().starts_with("22") || code.code().starts_with("23") => {
-            ApplyError::Malformed(e.to_string())
-        }
-        _ => ApplyError::Transient(e),
-    }
-}
-
-/// A writer's session with PostgreSQL: its connection, the upsert prepared
-/// once, and the sales it has already seen exist (with their price, for the
-/// v1 entries that carry none).
-///
-/// Applying a message is one prepared statement (atomic on its own, so no
-/// explicit transaction and no extra round trips). `orders.sale_id` has no
-/// foreign key (migration V3): every order of a hot sale would take a
-/// `FOR KEY SHARE` lock on the same `sales` row, and with several writers
-/// PostgreSQL turns those into multixacts, which cost more than the insert.
-/// Sales are never deleted, so the store checks each sale id once per
-/// connection and refuses a message naming an unknown sale, as the foreign
-/// key did.
-pub struct OrderStore {
-    client: tokio_postgres::Client,
-    upsert: tokio_postgres::Statement,
-    known_sales: std::collections::HashMap<uuid::Uuid, (i64, String)>,
-}
-
-/// The one statement every order-log entry is applied with.
-pub(crate) const UPSERT_ORDERS: &str = "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at, price_cents, currency) \
-     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[], \
-                          $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::int8[], $12::text[]) \
-     ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, paid_at = EXCLUDED.paid_at, closed_at = EXCLUDED.closed_at \
-     WHERE orders.status = 'reserved' AND EXCLUDED.status <> 'reserved'";
-
-impl OrderStore {
-    /// Prepares the upsert on `client`.
-    pub async fn new(client: tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
-        let upsert = client.prepare(UPSERT_ORDERS).await?;
-        Ok(OrderStore {
-            client,
-            upsert,
-            known_sales: Default::default(),
-        })
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.client.is_closed()
-    }
-
-    /// Applies every entry of `msgs`, in their order, with one statement;
-    /// returns the rows inserted or moved (a replayed message moves none).
-    pub async fn apply(&mut self, msgs: &[&LogMessage]) -> Result<u64, ApplyError> {
-        // One row per order, its latest state (a row may be touched only
-        // once per statement), sorted by id so concurrent writers lock in one
-        // order.
-        let mut latest: std::collections::BTreeMap<uuid::Uuid, &Order> = Default::default();
-        for e in msgs.iter().flat_map(|m| &m.entries) {
-            let o = e.order();
-            latest.insert(o.id, o);
-        }
-        let orders: Vec<&Order> = latest.into_values().collect();
-        if orders.is_empty() {
-            return Ok(0);
-        }
-        self.check_sales(&orders).await?;
-        // Entries of wire v1 carry no price: their sale's price now.
-        let priced: Vec<Order> = orders
-            .iter()
-            .filter(|o| o.currency.is_empty())
-            .filter_map(|o| {
-                let (price, currency) = self.known_sales.get(&o.sale_id)?;
-                Some(Order {
-                    price_cents: *price,
-                    currency: currency.clone(),
-                    ..(*o).clone()
-                })
-            })
-            .collect();
-        let mut orders: Vec<&Order> = orders
-            .into_iter()
-            .filter(|o| !o.currency.is_empty())
-            .chain(&priced)
-            .collect();
-        orders.sort_unstable_by_key(|o| o.id);
-        upsert(&self.client, &self.upsert, &orders)
-            .await
-            .map_err(classify)
-    }
-
-    /// Refuses a message naming a sale that does not exist.
-    async fn check_sales(&mut self, orders: &[&Order]) -> Result<(), ApplyError> {
-        let mut unknown: Vec<uuid::Uuid> = orders
-            .iter()
-            .map(|o| o.sale_id)
-            .filter(|id| !self.known_sales.contains_key(id))
-            .collect();
-        if unknown.is_empty() {
-            return Ok(());
-        }
-        unknown.sort_unstable();
-        unknown.dedup();
-        let rows = self
-            .client
-            .query(
-                "SELECT id, price_cents, currency FROM sales WHERE id = ANY($1)",
-                &[&unknown],
-            )
-            .await
-            .map_err(classify)?;
-        for row in rows {
-            let id = row.try_get(0).map_err(classify)?;
-            let price = (
-                row.try_get(1).map_err(classify)?,
-                row.try_get(2).map_err(classify)?,
-            );
-            self.known_sales.insert(id, price);
-        }
-        match unknown.iter().find(|id| !self.known_sales.contains_key(id)) {
-            Some(missing) => Err(ApplyError::Malformed(format!(
-                "order for sale {missing}, which does not exist"
-            ))),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Applies `orders` (each in its latest state, each id once) with
-/// [`UPSERT_ORDERS`], prepared or not.
-pub(crate) async fn upsert<S>(
-    client: &tokio_postgres::Client,
-    statement: &S,
-    orders: &[&Order],
-) -> Result<u64, tokio_postgres::Error>
-where
-    S: tokio_postgres::ToStatement + ?Sized,
-{
-    let ids: Vec<_> = orders.iter().map(|o| o.id).collect();
-    let sales: Vec<_> = orders.iter().map(|o| o.sale_id).collect();
-    let users: Vec<_> = orders.iter().map(|o| o.user_id).collect();
-    let qty: Vec<i32> = orders
-        .iter()
-        .map(|o| i32::try_from(o.quantity).unwrap_or(i32::MAX))
-        .collect();
-    let status: Vec<&str> = orders.iter().map(|o| o.status.as_str()).collect();
-    let keys: Vec<Option<&str>> = orders
-        .iter()
-        .map(|o| o.idempotency_key.as_deref())
-        .collect();
-    let created: Vec<_> = orders.iter().map(|o| o.created_at).collect();
-    let expires: Vec<_> = orders.iter().map(|o| o.expires_at).collect();
-    let paid: Vec<_> = orders.iter().map(|o| o.paid_at).collect();
-    let closed: Vec<_> = orders.iter().map(|o| o.closed_at).collect();
-    let price: Vec<i64> = orders.iter().map(|o| o.price_cents).collect();
-    let currency: Vec<&str> = orders.iter().map(|o| o.currency.as_str()).collect();
-    client
-        .execute(
-            statement,
-            &[
-                &ids, &sales, &users, &qty, &status, &keys, &created, &expires, &paid, &closed,
-                &price, &currency,
-            ],
-        )
-        .await
 }
 
 #[cfg(test)]

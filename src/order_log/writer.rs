@@ -1,4 +1,5 @@
-//! `OrderWriter`: moves the order log from RabbitMQ into PostgreSQL.
+//! `OrderWriter` (services mode): moves the order log from RabbitMQ into
+//! PostgreSQL.
 //!
 //! A pool of these actors (`orders.writers`) each holds its own RabbitMQ
 //! channel (manual acks, `orders.writer_prefetch` in flight) and its own
@@ -17,14 +18,15 @@ use std::time::Duration;
 use actix::prelude::*;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tracing::Instrument;
 
 use crate::config::{OrderSettings, RabbitSettings};
-use crate::persistence::order_log::{self, ApplyError, OrderStore};
+use super::{ApplyError, LogMessage};
+use crate::persistence::postgres::LogApplier;
 use crate::persistence::rabbit;
 
 /// Counters shared by the whole writer pool.
@@ -42,7 +44,7 @@ pub struct WriterStats {
 }
 
 impl WriterStats {
-    fn set_error(&self, e: impl std::fmt::Display) {
+    pub(super) fn set_error(&self, e: impl std::fmt::Display) {
         if let Ok(mut g) = self.last_error.lock() {
             *g = Some(e.to_string());
         }
@@ -70,7 +72,7 @@ pub struct OrderWriter {
     index: usize,
     config: WriterConfig,
     stats: Arc<WriterStats>,
-    client: Option<OrderStore>,
+    client: Option<LogApplier>,
     link: Option<(Connection, Channel)>,
     backoff: Duration,
     stopping: bool,
@@ -254,14 +256,14 @@ impl Handler<StopWriter> for OrderWriter {
     }
 }
 
-async fn connect_db(config: &tokio_postgres::Config) -> Result<OrderStore, tokio_postgres::Error> {
+async fn connect_db(config: &tokio_postgres::Config) -> Result<LogApplier, tokio_postgres::Error> {
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     actix::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "order writer database connection closed");
         }
     });
-    OrderStore::new(client).await
+    LogApplier::new(client).await
 }
 
 /// Applies deliveries taken together (what arrived while the previous write
@@ -274,14 +276,14 @@ async fn connect_db(config: &tokio_postgres::Config) -> Result<OrderStore, tokio
 /// per-statement cost matters. If such a statement is refused for its data,
 /// each message is applied alone so that only the bad one is dead-lettered.
 pub async fn write_deliveries(
-    mut store: Option<OrderStore>,
+    mut store: Option<LogApplier>,
     config: &WriterConfig,
     stats: &WriterStats,
     deliveries: Vec<Delivery>,
-) -> Option<OrderStore> {
+) -> Option<LogApplier> {
     let mut decoded = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
-        match order_log::decode(&delivery.data) {
+        match super::decode(&delivery.data) {
             Ok(msg) => decoded.push((delivery, msg)),
             Err(e) => dead_letter(&delivery, stats, &e).await,
         }
@@ -306,12 +308,12 @@ pub async fn write_deliveries(
 /// backoff; acks every delivery once written. Errs only when the data is
 /// refused (nothing was written and nothing acked).
 async fn write_messages(
-    store: &mut Option<OrderStore>,
+    store: &mut Option<LogApplier>,
     config: &WriterConfig,
     stats: &WriterStats,
-    messages: &[(Delivery, order_log::LogMessage)],
+    messages: &[(Delivery, LogMessage)],
 ) -> Result<(), ApplyError> {
-    let msgs: Vec<&order_log::LogMessage> = messages.iter().map(|(_, m)| m).collect();
+    let msgs: Vec<&LogMessage> = messages.iter().map(|(_, m)| m).collect();
     tracing::debug!(messages = msgs.len(), "writing order-log messages");
     let mut backoff = Duration::from_millis(config.orders.retry_initial_ms.max(1));
     let max = Duration::from_millis(config.orders.retry_max_ms);
@@ -386,124 +388,4 @@ async fn dead_letter(delivery: &Delivery, stats: &WriterStats, e: &ApplyError) {
         Ok(Err(e)) => tracing::warn!(error = %e, "reject failed; the message will be redelivered"),
         Err(_) => tracing::warn!("reject not answered in time; the message will be redelivered"),
     }
-}
-
-/// How far start-up recovery's drain has come, for `/readyz`.
-#[derive(Debug, Default)]
-pub struct DrainProgress {
-    /// Messages the order queue held when last looked at.
-    pub left: AtomicU64,
-    /// Messages written (or dead-lettered) so far.
-    pub handled: AtomicU64,
-}
-
-/// Recovery: pulls every message the queue holds (no consumers yet) and
-/// writes it, until the queue is empty, however long that takes: a sale must
-/// never open on a partially drained log. Failures of the broker or the
-/// database are retried with backoff; past `warn_after` a warning says what
-/// is left, and the drain goes on. Returns the messages handled.
-pub async fn drain_queue(
-    config: &WriterConfig,
-    stats: &WriterStats,
-    warn_after: Duration,
-    progress: &DrainProgress,
-) -> u64 {
-    let drain = async {
-        let mut backoff = Duration::from_millis(config.orders.retry_initial_ms.max(1));
-        loop {
-            match drain_once(config, stats, progress).await {
-                Ok(()) => return progress.handled.load(Ordering::Acquire),
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "recovery: cannot drain the order log yet");
-                    stats.set_error(&e);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(config.orders.retry_max_ms));
-                }
-            }
-        }
-    };
-    tokio::pin!(drain);
-    tokio::select! {
-        handled = &mut drain => return handled,
-        _ = tokio::time::sleep(warn_after) => tracing::warn!(
-            left = progress.left.load(Ordering::Acquire),
-            handled = progress.handled.load(Ordering::Acquire),
-            after_secs = warn_after.as_secs(),
-            "recovery: the order log is still draining; every sale stays closed until it is done"
-        ),
-    }
-    drain.await
-}
-
-/// One connection's worth of draining: `Ok` once the queue is empty.
-async fn drain_once(
-    config: &WriterConfig,
-    stats: &WriterStats,
-    progress: &DrainProgress,
-) -> Result<(), String> {
-    let (conn, channel) = rabbit::open(&config.rabbit, "flashsale-recovery")
-        .await
-        .map_err(|e| e.to_string())?;
-    let queue = config.rabbit.queue.as_str();
-    let mut client = None;
-    let result = async {
-        loop {
-            let left = rabbit::queue_depth(&channel, queue).await?;
-            progress.left.store(u64::from(left), Ordering::Release);
-            let Some(first) = get_one(&channel, queue).await? else {
-                return Ok(());
-            };
-            let mut deliveries = vec![first];
-            // Up to a writer's prefetch window per statement, as the consumers do.
-            while deliveries.len() < usize::from(config.orders.writer_prefetch.max(1)) {
-                match get_one(&channel, queue).await? {
-                    Some(d) => deliveries.push(d),
-                    None => break,
-                }
-            }
-            let count = deliveries.len() as u64;
-            client = write_deliveries(client, config, stats, deliveries).await;
-            progress.handled.fetch_add(count, Ordering::AcqRel);
-        }
-    }
-    .await;
-    rabbit::close(&conn, "recovery").await;
-    result
-}
-
-/// One message from `queue` without a consumer, if it holds any.
-async fn get_one(channel: &Channel, queue: &str) -> Result<Option<Delivery>, String> {
-    let get = channel.basic_get(queue.into(), BasicGetOptions::default());
-    let got = tokio::time::timeout(rabbit::CALL_TIMEOUT, get)
-        .await
-        .map_err(|_| "RabbitMQ did not answer a get in time".to_owned())?
-        .map_err(|e| e.to_string())?;
-    Ok(got.map(|m| m.delivery))
-}
-
-/// Waits until the order queue is empty and no writer holds a delivery, seen
-/// twice in a row a little apart (a delivery can sit between the broker and
-/// a writer for a moment). False if that did not happen within `timeout`.
-pub async fn wait_drained(
-    channel: &Channel,
-    queue: &str,
-    stats: &WriterStats,
-    timeout: Duration,
-) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut quiet_rounds = 0;
-    while tokio::time::Instant::now() < deadline {
-        let depth = rabbit::queue_depth(channel, queue).await;
-        let idle = stats.in_flight.load(Ordering::Acquire) == 0;
-        if matches!(depth, Ok(0)) && idle {
-            quiet_rounds += 1;
-            if quiet_rounds >= 2 {
-                return true;
-            }
-        } else {
-            quiet_rounds = 0;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }

@@ -1,13 +1,19 @@
-//! `OrderPublisher`: group commit of order-log entries into RabbitMQ.
+//! `OrderPublisher`: group commit of order-log entries into a [`Sink`].
 //!
 //! Stock actors hand entries over a bounded channel (`try_publish`: a full
 //! channel is an explicit "overloaded", never a wait). One task collects
 //! them into batches (up to `orders.batch_max_orders`, waiting at most
 //! `orders.batch_max_delay_us` for more while earlier batches are still
-//! unconfirmed), publishes each batch as one persistent message on a channel
-//! in confirm mode, and keeps up to `orders.max_unconfirmed_batches` in
-//! flight. When a batch's confirm arrives, every sale in it is told with one
-//! [`Settled`] message; that is when shoppers get their 201.
+//! unconfirmed), appends each batch to the sink, and keeps up to
+//! `orders.max_unconfirmed_batches` in flight. When a batch's confirm
+//! arrives, every sale in it is told with one [`Settled`] message; that is
+//! when shoppers get their 201.
+//!
+//! The sink is the storage mode's: [`RabbitSink`] publishes a batch as one
+//! persistent message on a channel in confirm mode (services);
+//! [`SqliteSink`] commits it in one transaction with a full sync, and the
+//! commit is the confirm (embedded). The loop, its bounds and its failure
+//! handling are the same for both.
 //!
 //! Failures never oversell, never acknowledge what is not durable, and never
 //! drop a decision a stock actor has applied:
@@ -32,16 +38,19 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix::WeakRecipient;
+use futures_util::future::LocalBoxFuture;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::{mpsc, watch, Semaphore};
 use uuid::Uuid;
 
-use super::order_log::{encode, LogEntry};
-use super::postgres::Database;
-use super::rabbit;
-use crate::actors::order_writer::WriterStats;
+use super::writer::WriterStats;
+use super::{encode, LogEntry};
+use crate::breaker::{Breakers, CircuitBreaker};
 use crate::config::{OrderSettings, RabbitSettings};
+use crate::persistence::rabbit;
+use crate::persistence::sqlite::{SqliteLog, SqliteStore};
+use crate::persistence::store::SharedStore;
 
 /// The outcome of published entries, sent to the stock actor of their sale.
 #[derive(Debug, Default, Message)]
@@ -55,6 +64,10 @@ pub struct Settled {
     /// Reservations that are not durable and never will be: give the units
     /// back. Never a transition.
     pub released: Vec<Uuid>,
+    /// The store itself already holds the confirmed entries in their new
+    /// state (the sink is the store, or the entries were decided there), so
+    /// reads need no copy of them in memory.
+    pub stored: bool,
 }
 
 /// An entry for the log and who to tell when it settles.
@@ -116,9 +129,9 @@ pub struct OrderPublisher {
 
 /// What the publisher task needs.
 pub struct PublisherDeps {
-    pub rabbit: RabbitSettings,
     pub orders: OrderSettings,
-    pub db: Database,
+    /// Where entries in doubt are decided.
+    pub store: SharedStore,
     pub writers: Arc<WriterStats>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub breakers: Arc<crate::breaker::Breakers>,
@@ -128,8 +141,9 @@ impl OrderPublisher {
     /// Starts the publisher task on `arbiter` (its broker connection lives
     /// there too). The returned receiver resolves when the publisher has
     /// stopped (after [`Self::shutdown`]).
-    pub fn start(
+    pub fn start<S: Sink>(
         arbiter: &actix::ArbiterHandle,
+        sink: S,
         deps: PublisherDeps,
     ) -> (Self, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = mpsc::channel(deps.orders.publish_queue_capacity);
@@ -141,7 +155,7 @@ impl OrderPublisher {
         // spawned from inside the arbiter rather than sent to it.
         arbiter.spawn_fn(move || {
             actix::spawn(async move {
-                run(rx, stop_rx, deps, task_stats).await;
+                run(sink, rx, stop_rx, deps, task_stats).await;
                 let _ = done.send(());
             });
         });
@@ -188,32 +202,179 @@ impl OrderPublisher {
     }
 }
 
-struct Link {
+/// A batch's confirm: `Ok` once the batch is durable.
+pub type Confirm = LocalBoxFuture<'static, Result<(), String>>;
+
+/// Where the group commit appends its batches: one implementation per
+/// storage mode. Runs on the publisher's thread (nothing here need be Send).
+#[allow(async_fn_in_trait)]
+pub trait Sink: Send + 'static {
+    /// An open link to the sink (a connection and its channel, a database
+    /// connection of its own).
+    type Link;
+
+    /// What messages call it ("RabbitMQ", "SQLite").
+    fn name(&self) -> &'static str;
+
+    /// The breaker that sees this sink's failures.
+    fn breaker(&self) -> fn(&Breakers) -> &CircuitBreaker;
+
+    async fn open(&self) -> Result<Self::Link, String>;
+
+    fn is_open(&self, link: &Self::Link) -> bool;
+
+    /// Batches appended but not yet in the store (admission control and
+    /// the resolver's wait); sampled about once a second.
+    async fn backlog(&self, link: &Self::Link) -> Result<u32, String>;
+
+    /// Appends one batch: `Ok` with its confirm once the sink has it.
+    async fn append(&self, link: &Self::Link, entries: &[&LogEntry]) -> Result<Confirm, String>;
+
+    /// Whether a confirmed batch is already in the store ([`Settled::stored`]).
+    fn confirms_into_store(&self) -> bool;
+
+    async fn close(&self, link: Self::Link);
+}
+
+/// Services mode: one persistent message per batch on a confirm-mode
+/// channel; the broker's confirm makes it durable, the writers move it on.
+pub struct RabbitSink {
+    pub settings: RabbitSettings,
+}
+
+/// A connection to RabbitMQ and its confirm-mode channel.
+pub struct RabbitLink {
     conn: Connection,
     channel: Channel,
 }
 
-async fn connect_link(settings: &RabbitSettings) -> Result<Link, String> {
-    let (conn, channel) = rabbit::open(settings, "flashsale-publisher")
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(Link { conn, channel })
+impl Sink for RabbitSink {
+    type Link = RabbitLink;
+
+    fn name(&self) -> &'static str {
+        "RabbitMQ"
+    }
+
+    fn breaker(&self) -> fn(&Breakers) -> &CircuitBreaker {
+        |b| &b.rabbitmq
+    }
+
+    async fn open(&self) -> Result<RabbitLink, String> {
+        let (conn, channel) = rabbit::open(&self.settings, "flashsale-publisher")
+            .await
+            .map_err(|e| e.to_string())?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(RabbitLink { conn, channel })
+    }
+
+    fn is_open(&self, link: &RabbitLink) -> bool {
+        link.channel.status().connected()
+    }
+
+    async fn backlog(&self, link: &RabbitLink) -> Result<u32, String> {
+        rabbit::queue_depth(&link.channel, &self.settings.queue).await
+    }
+
+    async fn append(&self, link: &RabbitLink, entries: &[&LogEntry]) -> Result<Confirm, String> {
+        let payload = encode(entries);
+        let confirm = link
+            .channel
+            .basic_publish(
+                "".into(),
+                self.settings.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into()),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Box::pin(async move {
+            match confirm.await {
+                Ok(c) if c.is_ack() => Ok(()),
+                Ok(_) => Err("negative confirm".to_owned()),
+                Err(e) => Err(e.to_string()),
+            }
+        }))
+    }
+
+    fn confirms_into_store(&self) -> bool {
+        false
+    }
+
+    async fn close(&self, link: RabbitLink) {
+        rabbit::close(&link.conn, "closing").await;
+    }
+}
+
+/// Embedded mode: one transaction per batch in the SQLite file, committed
+/// with a full sync; the commit is the confirm, and the rows are then in
+/// the store.
+pub struct SqliteSink {
+    pub store: SqliteStore,
+}
+
+impl Sink for SqliteSink {
+    type Link = SqliteLog;
+
+    fn name(&self) -> &'static str {
+        "SQLite"
+    }
+
+    fn breaker(&self) -> fn(&Breakers) -> &CircuitBreaker {
+        |b| &b.sqlite
+    }
+
+    async fn open(&self) -> Result<SqliteLog, String> {
+        self.store.open_log().await.map_err(|e| e.to_string())
+    }
+
+    fn is_open(&self, link: &SqliteLog) -> bool {
+        link.is_open()
+    }
+
+    async fn backlog(&self, _: &SqliteLog) -> Result<u32, String> {
+        Ok(0)
+    }
+
+    async fn append(&self, link: &SqliteLog, entries: &[&LogEntry]) -> Result<Confirm, String> {
+        let commit = link.append(entries.iter().map(|e| e.order().clone()).collect())?;
+        Ok(Box::pin(async move {
+            commit
+                .await
+                .unwrap_or_else(|_| Err("the SQLite log writer stopped".to_owned()))
+        }))
+    }
+
+    fn confirms_into_store(&self) -> bool {
+        true
+    }
+
+    async fn close(&self, _: SqliteLog) {}
 }
 
 /// Tells each sale in `reqs` its outcome, one message per sale.
+/// `stored`: see [`Settled::stored`].
 fn notify<'a>(
     reqs: impl IntoIterator<Item = &'a PublishRequest>,
     outcome: fn(&mut Settled) -> &mut Vec<Uuid>,
+    stored: bool,
 ) {
     let mut by_sale: HashMap<Uuid, (&WeakRecipient<Settled>, Settled)> = HashMap::new();
     for req in reqs {
-        let slot = by_sale
-            .entry(req.sale_id)
-            .or_insert_with(|| (&req.notify, Settled::default()));
+        let slot = by_sale.entry(req.sale_id).or_insert_with(|| {
+            (
+                &req.notify,
+                Settled {
+                    stored,
+                    ..Settled::default()
+                },
+            )
+        });
         outcome(&mut slot.1).push(req.entry.order_id());
     }
     for (_, (recipient, settled)) in by_sale {
@@ -239,7 +400,7 @@ impl Doubtful {
             return;
         }
         stats.in_doubt.fetch_add(reqs.len(), Ordering::Relaxed);
-        notify(&reqs, |s| &mut s.in_doubt);
+        notify(&reqs, |s| &mut s.in_doubt, false);
         self.entries.borrow_mut().extend(reqs);
         self.added.notify_one();
     }
@@ -259,7 +420,8 @@ impl Doubtful {
     }
 }
 
-async fn run(
+async fn run<S: Sink>(
+    sink: S,
     mut rx: mpsc::Receiver<PublishRequest>,
     mut stop: watch::Receiver<bool>,
     deps: PublisherDeps,
@@ -271,41 +433,38 @@ async fn run(
     let permits = Arc::new(Semaphore::new(max_batches));
     let doubtful = Doubtful::default();
     let resolver = actix::spawn(resolve(doubtful.clone(), deps.clone(), stats.clone()));
-    let mut link: Option<Link> = None;
+    let mut link: Option<S::Link> = None;
     let initial_backoff = Duration::from_millis(cfg.reconnect_initial_ms.max(1));
     let mut backoff = initial_backoff;
     let max_delay = Duration::from_micros(cfg.batch_max_delay_us);
     let mut depth_sampled = Instant::now() - Duration::from_secs(10);
+    let breaker = sink.breaker()(&deps.breakers);
 
     loop {
         let stopping = *stop.borrow();
         let stalled = stats.stalled.swap(false, Ordering::AcqRel);
-        if stalled
-            || link
-                .as_ref()
-                .is_none_or(|l| !l.channel.status().connected())
-        {
+        if stalled || link.as_ref().is_none_or(|l| !sink.is_open(l)) {
             stats.connected.store(false, Ordering::Release);
             if let Some(old) = link.take() {
-                rabbit::close(&old.conn, "reconnecting").await;
+                sink.close(old).await;
             }
             if stopping {
                 break;
             }
-            match connect_link(&deps.rabbit).await {
+            match sink.open().await {
                 Ok(l) => {
-                    tracing::info!("order publisher connected to RabbitMQ");
-                    deps.breakers.rabbitmq.record_success();
+                    tracing::info!(sink = sink.name(), "order log open");
+                    breaker.record_success();
                     link = Some(l);
                     backoff = initial_backoff;
                     stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     stats.connected.store(true, Ordering::Release);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "order publisher cannot reach RabbitMQ");
-                    deps.breakers.rabbitmq.record_failure(&e);
+                    tracing::warn!(sink = sink.name(), error = %e, retry_in_ms = backoff.as_millis() as u64, "order log cannot be opened");
+                    breaker.record_failure(&e);
                     stats.set_error(&e);
-                    // Whatever waits now was never handed to the broker.
+                    // Whatever waits now was never handed to the sink.
                     release_queued(&mut rx, &stats, &doubtful);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -321,10 +480,10 @@ async fn run(
         };
         if depth_sampled.elapsed() >= Duration::from_secs(1) {
             depth_sampled = Instant::now();
-            match rabbit::queue_depth(&current.channel, &deps.rabbit.queue).await {
+            match sink.backlog(current).await {
                 Ok(d) => stats.queue_depth.store(d, Ordering::Relaxed),
                 Err(e) => {
-                    tracing::warn!(error = %e, "order queue depth unknown; opening the link again");
+                    tracing::warn!(error = %e, "order log backlog unknown; opening the link again");
                     stats.set_error(&e);
                     link = None;
                     continue;
@@ -357,7 +516,7 @@ async fn run(
             }
         }
 
-        if publish(batch, current, &deps, &stats, &permits, &doubtful)
+        if publish(&sink, batch, current, &deps, &stats, &permits, &doubtful)
             .await
             .is_err()
         {
@@ -379,20 +538,21 @@ async fn run(
     if left > 0 {
         tracing::error!(
             in_doubt = left,
-            "stopping with order-log entries in doubt and PostgreSQL away: start-up recovery keeps the reservations PostgreSQL has; payments and cancellations among them are lost"
+            "stopping with order-log entries in doubt and the store away: start-up recovery keeps the reservations the store has; payments and cancellations among them are lost"
         );
     }
     stats.connected.store(false, Ordering::Release);
     if let Some(l) = link {
-        rabbit::close(&l.conn, "shutdown").await;
+        sink.close(l).await;
     }
 }
 
-/// Publishes one batch as one persistent message and spawns the wait for its
-/// confirm (bounded by the permits). `Err` when the channel failed.
-async fn publish(
+/// Appends one batch to the sink and spawns the wait for its confirm
+/// (bounded by the permits). `Err` when the link failed.
+async fn publish<S: Sink>(
+    sink: &S,
     batch: Vec<PublishRequest>,
-    link: &Link,
+    link: &S::Link,
     deps: &PublisherDeps,
     stats: &Arc<PublisherStats>,
     permits: &Arc<Semaphore>,
@@ -404,21 +564,12 @@ async fn publish(
     stats.unconfirmed_batches.fetch_add(1, Ordering::Relaxed);
     deps.metrics.batch_size.observe(batch.len() as f64);
     let entries: Vec<&LogEntry> = batch.iter().map(|r| &r.entry).collect();
-    let payload = encode(&entries);
     let started = Instant::now();
-    let published = link
-        .channel
-        .basic_publish(
-            "".into(),
-            deps.rabbit.queue.as_str().into(),
-            BasicPublishOptions::default(),
-            &payload,
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into()),
-        )
-        .await;
-    match published {
+    let appended = sink.append(link, &entries).await;
+    drop(entries);
+    let which = sink.breaker();
+    let stored = sink.confirms_into_store();
+    match appended {
         Ok(confirm) => {
             let stats = stats.clone();
             let doubtful = doubtful.clone();
@@ -426,11 +577,11 @@ async fn publish(
             let breakers = deps.breakers.clone();
             let deadline = Duration::from_millis(deps.orders.confirm_timeout_ms.max(1));
             actix::spawn(async move {
-                // A broker that takes the message and never answers holds
-                // no batch for ever: past the deadline the batch is in doubt
+                // A sink that takes the batch and never answers holds no
+                // batch for ever: past the deadline the batch is in doubt
                 // and the link is opened again.
                 let outcome = match tokio::time::timeout(deadline, confirm).await {
-                    Ok(outcome) => outcome.map_err(|e| e.to_string()),
+                    Ok(outcome) => outcome,
                     Err(_) => {
                         stats.stalled.store(true, Ordering::Release);
                         Err(format!("no confirm within {} ms", deadline.as_millis()))
@@ -439,8 +590,8 @@ async fn publish(
                 drop(permit);
                 stats.unconfirmed_batches.fetch_sub(1, Ordering::Relaxed);
                 match outcome {
-                    Ok(c) if c.is_ack() => {
-                        breakers.rabbitmq.record_success();
+                    Ok(()) => {
+                        which(&breakers).record_success();
                         metrics
                             .confirm_latency
                             .observe(started.elapsed().as_secs_f64());
@@ -451,15 +602,11 @@ async fn publish(
                         stats
                             .entries_confirmed
                             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        notify(&batch, |s| &mut s.confirmed);
+                        notify(&batch, |s| &mut s.confirmed, stored);
                     }
-                    other => {
-                        let reason = match other {
-                            Ok(_) => "negative confirm".to_owned(),
-                            Err(e) => e,
-                        };
+                    Err(reason) => {
                         tracing::error!(error = %reason, entries = batch.len(), "order-log batch not confirmed; its entries are in doubt");
-                        breakers.rabbitmq.record_failure(&reason);
+                        which(&breakers).record_failure(&reason);
                         stats.set_error(&reason);
                         stats.batches_failed.fetch_add(1, Ordering::Relaxed);
                         doubtful.add(batch, &stats);
@@ -471,8 +618,8 @@ async fn publish(
         Err(e) => {
             drop(permit);
             stats.unconfirmed_batches.fetch_sub(1, Ordering::Relaxed);
-            tracing::error!(error = %e, entries = batch.len(), "order-log publish failed; its entries are in doubt");
-            deps.breakers.rabbitmq.record_failure(&e);
+            tracing::error!(error = %e, entries = batch.len(), "order-log append failed; its entries are in doubt");
+            which(&deps.breakers).record_failure(&e);
             stats.set_error(&e);
             stats.batches_failed.fetch_add(1, Ordering::Relaxed);
             doubtful.add(batch, stats);
@@ -502,7 +649,7 @@ fn release_queued(
         stats
             .released
             .fetch_add(never_sent.len() as u64, Ordering::Relaxed);
-        notify(&never_sent, |s| &mut s.released);
+        notify(&never_sent, |s| &mut s.released, false);
     }
     doubtful.add(decided, stats);
 }
@@ -566,7 +713,7 @@ async fn decide(
         batch.into_iter().partition(|r| r.entry.is_transition());
     if !transitions.is_empty() {
         let orders: Vec<_> = transitions.iter().map(|r| r.entry.order()).collect();
-        match deps.db.write_orders(&orders).await {
+        match deps.store.write_orders(&orders).await {
             Ok(()) => {
                 tracing::info!(
                     entries = transitions.len(),
@@ -575,7 +722,7 @@ async fn decide(
                 stats
                     .in_doubt
                     .fetch_sub(transitions.len(), Ordering::Relaxed);
-                notify(&transitions, |s| &mut s.confirmed);
+                notify(&transitions, |s| &mut s.confirmed, true);
             }
             Err(e) => {
                 tracing::warn!(error = %e, entries = transitions.len(), "cannot write in-doubt transitions yet");
@@ -589,7 +736,7 @@ async fn decide(
         return Ok(());
     }
     let orders: Vec<_> = reservations.iter().map(|r| r.entry.order()).collect();
-    match deps.db.void_absent(&orders).await {
+    match deps.store.void_absent(&orders).await {
         Ok(voided) => {
             let voided: std::collections::HashSet<Uuid> = voided.into_iter().collect();
             let (released, kept): (Vec<_>, Vec<_>) = reservations
@@ -606,8 +753,8 @@ async fn decide(
             stats
                 .released
                 .fetch_add(released.len() as u64, Ordering::Relaxed);
-            notify(&kept, |s| &mut s.confirmed);
-            notify(&released, |s| &mut s.released);
+            notify(&kept, |s| &mut s.confirmed, true);
+            notify(&released, |s| &mut s.released, true);
             Ok(())
         }
         Err(e) => {
