@@ -22,9 +22,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::order_log::writer::WriterStats;
 use crate::actors::registry::{SaleHandle, SaleRegistry};
 use crate::order_log::sink::OrderPublisher;
+use crate::order_log::writer::WriterStats;
 
 /// Every metric name, without the `flashsale_` prefix the registry adds
 /// (and without the `_total` suffix counters get when encoded).

@@ -551,7 +551,12 @@ async fn start_sales_closed(
 /// Opens the sales started closed, once the log is in PostgreSQL: with the
 /// books rebuilt from it when the drain wrote anything (PostgreSQL is read
 /// again until it answers), else with the books read at start.
-async fn reopen_sales(store: &SharedStore, registry: &SaleRegistry, ids: Vec<uuid::Uuid>, reread: bool) {
+async fn reopen_sales(
+    store: &SharedStore,
+    registry: &SaleRegistry,
+    ids: Vec<uuid::Uuid>,
+    reread: bool,
+) {
     let mut books = if reread {
         let sales: Vec<_> = ids
             .iter()

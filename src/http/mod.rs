@@ -33,11 +33,11 @@ use crate::actors::registry::{SaleHandle, SaleRegistry};
 use crate::actors::stock::{StockActor, StockDeps};
 use crate::auth::{AdminToken, PasswordPool, TokenKeys};
 use crate::config::SalesSettings;
-use crate::metrics::{route_label, HttpLabels, Metrics, RouteLabels};
-use crate::payments::{PaymentProvider, WebhookVerifier};
 use crate::config::StorageMode;
+use crate::metrics::{route_label, HttpLabels, Metrics, RouteLabels};
 use crate::order_log::sink::OrderPublisher;
 use crate::order_log::writer::WriterStats;
+use crate::payments::{PaymentProvider, WebhookVerifier};
 use crate::persistence::redis::RedisStore;
 use crate::persistence::store::SharedStore;
 

@@ -27,7 +27,6 @@ pub mod sink;
 mod wire;
 pub mod writer;
 
-
 use crate::domain::order::Order;
 
 pub use wire::VERSION as LOG_SCHEMA_VERSION;

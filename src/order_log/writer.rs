@@ -17,15 +17,13 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tracing::Instrument;
 
-use crate::config::{OrderSettings, RabbitSettings};
 use super::{ApplyError, LogMessage};
+use crate::config::{OrderSettings, RabbitSettings};
 use crate::persistence::postgres::LogApplier;
 use crate::persistence::rabbit;
 

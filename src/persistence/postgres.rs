@@ -232,10 +232,7 @@ impl Store for PostgresStore {
     }
 
     /// The id and password hash of a user, if the username exists.
-    async fn user_credentials(
-        &self,
-        username: &str,
-    ) -> Result<Option<(Uuid, String)>, StoreError> {
+    async fn user_credentials(&self, username: &str) -> Result<Option<(Uuid, String)>, StoreError> {
         let conn = self.pool.get().await?;
         let row = conn
             .query_opt(
@@ -420,11 +417,7 @@ impl Store for PostgresStore {
     }
 
     /// Records how a claimed event was handled.
-    async fn finish_payment_event(
-        &self,
-        event_id: &str,
-        result: &str,
-    ) -> Result<(), StoreError> {
+    async fn finish_payment_event(&self, event_id: &str, result: &str) -> Result<(), StoreError> {
         self.bounded(async {
             let conn = self.pool.get().await?;
             conn.execute(

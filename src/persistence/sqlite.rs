@@ -1,7 +1,10 @@
 //! SQLite, the store and the order log of embedded mode, in one file.
 //!
 //! - [`SqliteStore`] serves [`Store`] from a small pool of connections
-//!   (`storage.read_connections`), each call on a blocking thread.
+//!   (`storage.read_connections`), each call on a blocking thread. The pool
+//!   is a few lines of its own: a pooled connection may be dropped on any
+//!   thread (an actix worker that is stopping has no runtime any more), and
+//!   a rusqlite connection can be.
 //! - [`SqliteLog`] is the order log's writer: one connection on a thread of
 //!   its own, which commits each batch (and any batches queued behind it)
 //!   in one transaction. The file is in WAL mode with `synchronous = FULL`,
@@ -19,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use deadpool_sqlite::rusqlite::{self, params, Connection, ErrorCode, OptionalExtension, Row};
-use deadpool_sqlite::{Hook, HookError, Pool, Runtime};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::store::{EventClaim, Store, StoreError};
@@ -36,11 +39,18 @@ const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/V1__initial.
 /// The pooled SQLite store. Cheap to clone.
 #[derive(Clone)]
 pub struct SqliteStore {
-    pool: Pool,
+    pool: Arc<Pool>,
     path: PathBuf,
     busy_timeout: Duration,
     /// How long a caller waits for a call: the busy time-out plus a margin.
     deadline: Duration,
+}
+
+/// At most `permits` connections in use; idle ones are kept for the next
+/// call, and opened on demand.
+struct Pool {
+    idle: std::sync::Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
 }
 
 impl SqliteStore {
@@ -48,8 +58,9 @@ impl SqliteStore {
     pub async fn open(settings: &StorageSettings) -> Result<Self, Unreachable> {
         let path = settings.path.clone();
         let shown = path.display().to_string();
-        let unreachable =
-            |e: &dyn std::fmt::Display| Unreachable::new("SQLite", shown.clone(), "storage.path", e);
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Unreachable::new("SQLite", shown.clone(), "storage.path", e)
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| unreachable(&e))?;
         }
@@ -59,20 +70,10 @@ impl SqliteStore {
             .await
             .map_err(|e| unreachable(&e))?
             .map_err(|e| unreachable(&e))?;
-        let pool = deadpool_sqlite::Config::new(&path)
-            .builder(Runtime::Tokio1)
-            .map_err(|e| unreachable(&e))?
-            .max_size(settings.read_connections)
-            .wait_timeout(Some(busy_timeout))
-            .create_timeout(Some(busy_timeout))
-            .post_create(Hook::sync_fn(move |conn, _| {
-                let conn = conn
-                    .lock()
-                    .map_err(|_| HookError::message("connection mutex poisoned"))?;
-                configure(&conn, busy_timeout).map_err(HookError::Backend)
-            }))
-            .build()
-            .map_err(|e| unreachable(&e))?;
+        let pool = Arc::new(Pool {
+            idle: Default::default(),
+            permits: Arc::new(Semaphore::new(settings.read_connections)),
+        });
         let store = SqliteStore {
             pool,
             path,
@@ -95,19 +96,46 @@ impl SqliteStore {
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        let work = async {
-            let conn = self.pool.get().await.map_err(|e| {
-                tracing::warn!(error = %e, "SQLite connection not available");
-                StoreError::Unavailable
-            })?;
-            conn.interact(f)
-                .await
-                .map_err(|e| StoreError::Engine(e.to_string()))?
-                .map_err(classify)
-        };
-        tokio::time::timeout(self.deadline, work)
+        tokio::time::timeout(self.deadline, self.run(f))
             .await
             .unwrap_or(Err(StoreError::Unavailable))
+    }
+
+    /// Runs `f` on a pooled connection on a blocking thread, however long
+    /// it takes (recovery reads).
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let permit = self
+            .pool
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Unavailable)?;
+        let (pool, path, busy) = (self.pool.clone(), self.path.clone(), self.busy_timeout);
+        tokio::task::spawn_blocking(move || {
+            let idle = pool.idle.lock().ok().and_then(|mut i| i.pop());
+            let mut conn = match idle {
+                Some(c) => c,
+                None => {
+                    let c = Connection::open(&path)?;
+                    configure(&c, busy)?;
+                    c
+                }
+            };
+            let result = f(&mut conn);
+            if let Ok(mut i) = pool.idle.lock() {
+                i.push(conn);
+            }
+            drop(permit);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Engine(e.to_string()))?
+        .map_err(classify)
     }
 
     /// Opens the order log's writer: a connection of its own on a thread of
@@ -196,7 +224,8 @@ fn uuid_at(row: &Row<'_>, i: usize) -> rusqlite::Result<Uuid> {
 
 /// The one statement every order-log entry is applied with (see the module
 /// docs): a replay changes nothing, a later state wins over `reserved`.
-const UPSERT_ORDER: &str = "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, \
+const UPSERT_ORDER: &str =
+    "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, \
      created_us, expires_us, paid_us, closed_us, price_cents, currency) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
      ON CONFLICT (id) DO UPDATE SET status = excluded.status, paid_us = excluded.paid_us, \
@@ -228,7 +257,8 @@ fn upsert<'a>(
     Ok(())
 }
 
-const ORDER_COLUMNS: &str = "SELECT id, sale_id, user_id, quantity, status, created_us, expires_us, \
+const ORDER_COLUMNS: &str =
+    "SELECT id, sale_id, user_id, quantity, status, created_us, expires_us, \
      paid_us, idempotency_key, closed_us, price_cents, currency FROM orders";
 
 /// An order row; `None` for a void one.
@@ -303,10 +333,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn user_credentials(
-        &self,
-        username: &str,
-    ) -> Result<Option<(Uuid, String)>, StoreError> {
+    async fn user_credentials(&self, username: &str) -> Result<Option<(Uuid, String)>, StoreError> {
         let username = username.to_owned();
         self.call(move |c| {
             c.prepare_cached("SELECT id, password_hash FROM users WHERE username = ?1")?
@@ -393,12 +420,7 @@ impl Store for SqliteStore {
             .into_iter()
             .map(|s| (s.id, SaleBook::new(s)))
             .collect();
-        let conn = self
-            .pool
-            .get()
-            .await
-            .map_err(|_| StoreError::Unavailable)?;
-        conn.interact(move |c| {
+        self.run(move |c| {
             let mut stmt = c.prepare(&format!(
                 "{ORDER_COLUMNS} WHERE (?1 IS NULL OR sale_id = ?1) AND status <> 'void'"
             ))?;
@@ -413,14 +435,11 @@ impl Store for SqliteStore {
             Ok(books)
         })
         .await
-        .map_err(|e| StoreError::Engine(e.to_string()))?
-        .map_err(classify)
     }
 
     async fn order(&self, id: Uuid) -> Result<Option<Order>, StoreError> {
         self.call(move |c| {
-            Ok(c
-                .prepare_cached(&format!("{ORDER_COLUMNS} WHERE id = ?1"))?
+            Ok(c.prepare_cached(&format!("{ORDER_COLUMNS} WHERE id = ?1"))?
                 .query_row([id.as_bytes()], order_from_row)
                 .optional()?
                 .flatten())

@@ -62,8 +62,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// The id and password hash of a user, if the username exists.
-    async fn user_credentials(&self, username: &str)
-        -> Result<Option<(Uuid, String)>, StoreError>;
+    async fn user_credentials(&self, username: &str) -> Result<Option<(Uuid, String)>, StoreError>;
 
     async fn insert_sale(&self, sale: &Sale) -> Result<(), StoreError>;
 

@@ -3,11 +3,11 @@
 use chrono::{Duration, Utc};
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_problem, rfc3339, sale_body, spawn_app, ADMIN_TOKEN};
+use crate::helpers::{assert_problem, rfc3339, sale_body, ADMIN_TOKEN};
+use crate::helpers::{both_modes, spawn_app_in, Mode};
 
-#[actix_web::test]
-async fn every_admin_route_requires_the_admin_token() {
-    let app = spawn_app().await;
+async fn every_admin_route_requires_the_admin_token(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let sale = app.create_sale(json!({})).await;
     let id = sale["id"].as_str().unwrap_or_default();
     let (_, shopper_token) = app.new_shopper().await;
@@ -55,9 +55,8 @@ async fn every_admin_route_requires_the_admin_token() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn create_patch_pause_resume_and_statuses() {
-    let app = spawn_app().await;
+async fn create_patch_pause_resume_and_statuses(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let now = Utc::now();
     let live = app.create_sale(json!({"stock_total": 7})).await;
     assert_eq!(live["status"], "live");
@@ -184,9 +183,8 @@ async fn create_patch_pause_resume_and_statuses() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn every_validation_rule_names_its_field() {
-    let app = spawn_app().await;
+async fn every_validation_rule_names_its_field(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let now = Utc::now();
     let cases: Vec<(Value, &str)> = vec![
         (json!({"name": ""}), "name"),
@@ -268,9 +266,8 @@ async fn every_validation_rule_names_its_field() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn unknown_and_malformed_sale_ids_are_not_found() {
-    let app = spawn_app().await;
+async fn unknown_and_malformed_sale_ids_are_not_found(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     for path in [
         "/api/v1/sales/not-a-uuid".to_owned(),
         format!("/api/v1/sales/{}", uuid::Uuid::new_v4()),
@@ -295,3 +292,10 @@ async fn unknown_and_malformed_sale_ids_are_not_found() {
     }
     app.teardown().await;
 }
+
+both_modes!(
+    every_admin_route_requires_the_admin_token,
+    create_patch_pause_resume_and_statuses,
+    every_validation_rule_names_its_field,
+    unknown_and_malformed_sale_ids_are_not_found,
+);

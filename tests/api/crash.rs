@@ -1,7 +1,8 @@
 //! The promises across `kill -9`: the real binary is driven with a rush of
 //! purchases, payments and cancellations, killed at random moments ten
 //! times, restarted each time, and after every restart each invariant of
-//! ARCHITECTURE.md is checked against PostgreSQL and the server.
+//! ARCHITECTURE.md is checked against the store and the server, in both
+//! storage modes.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -14,8 +15,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::helpers::{
-    assert_sale_invariants, cleanup, db_client, held_order_ids, mint_shopper, stored_counters,
-    test_settings, uuid_of, wait_ready, ServerProcess, ADMIN_TOKEN,
+    assert_sale_invariants, both_modes, cleanup, held_order_ids, mint_shopper, stored_counters,
+    test_settings_in, uuid_of, wait_ready, Mode, Probe, ServerProcess, StoreLock, ADMIN_TOKEN,
 };
 
 /// What the server acknowledged about an order: a 201, then perhaps a 200
@@ -34,13 +35,12 @@ struct Buyer {
     orders: Vec<(String, Uuid, Acked)>,
 }
 
-/// Every order id PostgreSQL holds for the sale, with its status.
-async fn stored_statuses(db: &tokio_postgres::Client, sale: Uuid) -> HashMap<Uuid, String> {
-    db.query("SELECT id, status FROM orders WHERE sale_id = $1", &[&sale])
+/// Every order id the store holds for the sale, with its status.
+async fn stored_statuses(db: &Probe, sale: Uuid) -> HashMap<Uuid, String> {
+    db.orders(sale)
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .into_iter()
+        .map(|o| (o.id, o.status))
         .collect()
 }
 
@@ -111,11 +111,11 @@ async fn drive(
     }
 }
 
-/// Every invariant, after a restart, against PostgreSQL and the server.
+/// Every invariant, after a restart, against the store and the server.
 async fn check_invariants(
     client: &reqwest::Client,
     base: &str,
-    db: &tokio_postgres::Client,
+    db: &Probe,
     sale: Uuid,
     stock: i64,
     tokens: &[(Uuid, String)],
@@ -123,7 +123,7 @@ async fn check_invariants(
 ) {
     // 1, 2: no oversell, no buyer over the limit.
     let held = assert_sale_invariants(db, sale).await;
-    // 3, 5: every acknowledged order and decision is in PostgreSQL as told.
+    // 3, 5: every acknowledged order and decision is in the store as told.
     let stored = stored_statuses(db, sale).await;
     for b in buyers.borrow().iter() {
         for (_, id, acked) in &b.orders {
@@ -135,7 +135,7 @@ async fn check_invariants(
             };
             assert!(
                 ok,
-                "order {id} acknowledged {acked:?} is {status:?} in PostgreSQL"
+                "order {id} acknowledged {acked:?} is {status:?} in the store"
             );
         }
     }
@@ -161,7 +161,7 @@ async fn check_invariants(
         assert_eq!(uuid_of(&body["id"]), id, "replay of {key}");
     }
     // 5: units came back exactly once: the server's stock and counters are
-    // PostgreSQL's.
+    // the store's.
     let view: Value = client
         .get(format!("{base}/admin/v1/sales/{sale}"))
         .bearer_auth(ADMIN_TOKEN)
@@ -184,9 +184,8 @@ async fn check_invariants(
     );
 }
 
-#[actix_web::test]
-async fn the_promises_hold_across_ten_sigkills_at_random_moments() {
-    let settings = test_settings();
+async fn the_promises_hold_across_ten_sigkills_at_random_moments(mode: Mode) {
+    let settings = test_settings_in(mode);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -199,20 +198,22 @@ async fn the_promises_hold_across_ten_sigkills_at_random_moments() {
     let tokens: Vec<(Uuid, String)> = (0..4000).map(|_| mint_shopper(&settings)).collect();
     let buyers: RefCell<Vec<Buyer>> =
         RefCell::new((0..tokens.len()).map(|_| Buyer::default()).collect());
-    let db = db_client(&settings).await;
+    let db = Probe::open(&settings).await;
 
     for round in 0..10 {
-        // In every other round the writers are held back by a lock on the
-        // orders table, so the kill finds acknowledged orders and decisions
-        // only in RabbitMQ: exactly the window where other designs lose them.
-        let locker = db_client(&settings).await;
+        // In every other round the store is locked by another client. In
+        // services mode from the start: the writers are held back, so the
+        // kill finds acknowledged orders and decisions only in RabbitMQ,
+        // exactly the window where other designs lose them. In embedded
+        // mode once the round has acknowledged work: every commit then
+        // waits, so the kill finds batches in flight, and the restart finds
+        // the file locked.
         let held_back = round % 2 == 1;
-        if held_back {
-            locker
-                .batch_execute("BEGIN; LOCK TABLE orders IN EXCLUSIVE MODE")
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
+        let mut locker = if held_back && mode == Mode::Services {
+            Some(StoreLock::take(&settings).await)
+        } else {
+            None
+        };
         let stop = Cell::new(false);
         let acks = Cell::new(0usize);
         let base = server.base.clone();
@@ -224,6 +225,9 @@ async fn the_promises_hold_across_ten_sigkills_at_random_moments() {
             while acks.get() < 10 && std::time::Instant::now() < deadline {
                 actix_web::rt::time::sleep(Duration::from_millis(5)).await;
             }
+            if held_back && locker.is_none() {
+                locker = Some(StoreLock::take(&settings).await);
+            }
             let wait = rand::thread_rng().gen_range(0..800);
             actix_web::rt::time::sleep(Duration::from_millis(wait)).await;
             server.kill().await;
@@ -234,39 +238,45 @@ async fn the_promises_hold_across_ten_sigkills_at_random_moments() {
             acks.get() >= 10,
             "round {round} acknowledged too little before the kill"
         );
-        if held_back {
-            let at_kill = held_order_ids(&db, sale_id).await;
-            let only_in_log = buyers
-                .borrow()
-                .iter()
-                .flat_map(|b| &b.orders)
-                .filter(|(_, id, a)| *a != Acked::Cancelled && !at_kill.contains(id))
-                .count();
-            eprintln!(
+        match (locker.take(), mode) {
+            (Some(lock), Mode::Embedded) => {
+                // Restart with the file still locked: the server must start
+                // and answer, and open once the lock goes.
+                server = ServerProcess::spawn(&settings, &[]);
+                let hold = rand::thread_rng().gen_range(500..2500);
+                actix_web::rt::time::sleep(Duration::from_millis(hold)).await;
+                lock.release().await;
+                assert!(wait_ready(&client, &server.base, Duration::from_secs(60)).await);
+            }
+            (Some(lock), Mode::Services) => {
+                let at_kill = held_order_ids(&db, sale_id).await;
+                let only_in_log = buyers
+                    .borrow()
+                    .iter()
+                    .flat_map(|b| &b.orders)
+                    .filter(|(_, id, a)| *a != Acked::Cancelled && !at_kill.contains(id))
+                    .count();
+                eprintln!(
                 "round {round}: {} acknowledged, {only_in_log} orders only in RabbitMQ at the kill",
                 acks.get()
             );
-            assert!(
-                only_in_log > 0,
-                "round {round}: the kill must find orders only in RabbitMQ"
-            );
-            // Restart while the writers are still held back, past the drain
-            // warning: no sale may open before the whole log is written.
-            server = ServerProcess::spawn(
-                &settings,
-                &[("FLASHSALE__ORDERS__RECOVERY_DRAIN_WARN_SECS", "1")],
-            );
-            let hold = rand::thread_rng().gen_range(500..2500);
-            actix_web::rt::time::sleep(Duration::from_millis(hold)).await;
-            locker
-                .batch_execute("ROLLBACK")
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            assert!(wait_ready(&client, &server.base, Duration::from_secs(60)).await);
-        } else {
-            server = ServerProcess::start(&settings, &client).await;
+                assert!(
+                    only_in_log > 0,
+                    "round {round}: the kill must find orders only in RabbitMQ"
+                );
+                // Restart while the writers are still held back, past the drain
+                // warning: no sale may open before the whole log is written.
+                server = ServerProcess::spawn(
+                    &settings,
+                    &[("FLASHSALE__ORDERS__RECOVERY_DRAIN_WARN_SECS", "1")],
+                );
+                let hold = rand::thread_rng().gen_range(500..2500);
+                actix_web::rt::time::sleep(Duration::from_millis(hold)).await;
+                lock.release().await;
+                assert!(wait_ready(&client, &server.base, Duration::from_secs(60)).await);
+            }
+            (None, _) => server = ServerProcess::start(&settings, &client).await,
         }
-        drop(locker);
         check_invariants(&client, &server.base, &db, sale_id, stock, &tokens, &buyers).await;
     }
     // A buyer at the limit is still refused after all the restarts.
@@ -294,9 +304,8 @@ async fn the_promises_hold_across_ten_sigkills_at_random_moments() {
     cleanup(&settings).await;
 }
 
-#[actix_web::test]
-async fn sigterm_mid_load_finishes_in_flight_work_and_exits_cleanly() {
-    let settings = test_settings();
+async fn sigterm_mid_load_finishes_in_flight_work_and_exits_cleanly(mode: Mode) {
+    let settings = test_settings_in(mode);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -356,14 +365,19 @@ async fn sigterm_mid_load_finishes_in_flight_work_and_exits_cleanly() {
     let ((), exit) = tokio::join!(join_all(drivers).map(|_| ()), terminator);
     assert!(exit.success(), "graceful shutdown exits 0: {exit:?}");
     // No waiting and no restart: the drain happened before the exit.
-    let db = db_client(&settings).await;
+    let db = Probe::open(&settings).await;
     let stored = held_order_ids(&db, sale_id).await;
     let answered = answered.into_inner();
     assert!(answered.len() >= 100);
     let missing = answered.difference(&stored).count();
     assert_eq!(
         missing, 0,
-        "every 201 is in PostgreSQL when the process has exited"
+        "every 201 is in the store when the process has exited"
     );
     cleanup(&settings).await;
 }
+
+both_modes!(
+    the_promises_hold_across_ten_sigkills_at_random_moments,
+    sigterm_mid_load_finishes_in_flight_work_and_exits_cleanly,
+);

@@ -5,10 +5,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::helpers::{
-    assert_problem, header, mint_shopper, spawn_app, spawn_app_with, test_settings, TestApp,
-    ADMIN_TOKEN,
-};
+use crate::helpers::{assert_problem, header, mint_shopper, spawn_app_with, TestApp, ADMIN_TOKEN};
+use crate::helpers::{both_modes, spawn_app_in, test_settings_in, Mode};
 
 /// One server-sent event.
 #[derive(Debug)]
@@ -103,9 +101,10 @@ impl Stream {
     }
 }
 
-#[actix_web::test]
-async fn a_sale_stream_sends_the_state_then_every_change_coalesced_and_sold_out_at_once() {
-    let app = spawn_app().await;
+async fn a_sale_stream_sends_the_state_then_every_change_coalesced_and_sold_out_at_once(
+    mode: Mode,
+) {
+    let app = spawn_app_in(mode).await;
     let sale = app
         .create_sale(json!({"stock_total": 30, "per_user_limit": 1}))
         .await;
@@ -154,9 +153,8 @@ async fn a_sale_stream_sends_the_state_then_every_change_coalesced_and_sold_out_
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn last_event_id_is_honoured_and_unknown_sales_are_404() {
-    let app = spawn_app().await;
+async fn last_event_id_is_honoured_and_unknown_sales_are_404(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let sale = app.create_sale(json!({"stock_total": 5})).await;
     let sale_id = sale["id"].as_str().unwrap_or_default();
     let path = format!("/api/v1/sales/{sale_id}/events");
@@ -193,9 +191,8 @@ async fn last_event_id_is_honoured_and_unknown_sales_are_404() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn the_stream_of_every_sale_shows_new_sales_and_changes() {
-    let app = spawn_app().await;
+async fn the_stream_of_every_sale_shows_new_sales_and_changes(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let a = app
         .create_sale(json!({"name": "First", "stock_total": 3}))
         .await;
@@ -235,9 +232,8 @@ async fn the_stream_of_every_sale_shows_new_sales_and_changes() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn open_streams_are_bounded_per_address_and_in_all() {
-    let mut settings = test_settings();
+async fn open_streams_are_bounded_per_address_and_in_all(mode: Mode) {
+    let mut settings = test_settings_in(mode);
     settings.events.max_streams_per_ip = 2;
     settings.events.max_streams = 3;
     // A closed stream is noticed at the next write at the latest.
@@ -271,9 +267,8 @@ async fn open_streams_are_bounded_per_address_and_in_all() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn the_admin_stream_opens_with_a_ticket_never_the_token() {
-    let app = spawn_app().await;
+async fn the_admin_stream_opens_with_a_ticket_never_the_token(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     app.create_sale(json!({"name": "Watched"})).await;
     assert_problem(
         Stream::open(&app, "/admin/v1/events", None).await,
@@ -326,7 +321,7 @@ async fn the_admin_stream_opens_with_a_ticket_never_the_token() {
 
 #[actix_web::test]
 async fn pages_are_served_with_their_types_a_strict_policy_and_etags() {
-    let app = spawn_app().await;
+    let app = spawn_app_in(Mode::Embedded).await;
     for (path, ct) in [
         ("/", "text/html; charset=utf-8"),
         ("/admin", "text/html; charset=utf-8"),
@@ -362,3 +357,11 @@ async fn pages_are_served_with_their_types_a_strict_policy_and_etags() {
     assert_problem(app.get("/assets/nope.js", None).await, 404, "not_found").await;
     app.teardown().await;
 }
+
+both_modes!(
+    a_sale_stream_sends_the_state_then_every_change_coalesced_and_sold_out_at_once,
+    last_event_id_is_honoured_and_unknown_sales_are_404,
+    the_stream_of_every_sale_shows_new_sales_and_changes,
+    open_streams_are_bounded_per_address_and_in_all,
+    the_admin_stream_opens_with_a_ticket_never_the_token,
+);

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::helpers::{
     assert_counters_match, assert_sale_invariants, cleanup, db_client, held_order_ids,
     mint_shopper, spawn_app_with, test_settings, uuid_of, wait_for, wait_for_orders, wait_ready,
-    ServerProcess, ADMIN_TOKEN,
+    Probe, ServerProcess, ADMIN_TOKEN,
 };
 use crate::proxy::TcpProxy;
 
@@ -145,7 +145,7 @@ async fn a_restart_keeps_every_sale_closed_until_the_whole_log_is_in_postgres() 
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(wait_ready(&client, &server.base, Duration::from_secs(60)).await);
-    let db = db_client(&settings).await;
+    let db = Probe::open(&settings).await;
     let stored = held_order_ids(&db, sale_id).await;
     assert!(
         sold.iter().all(|id| stored.contains(id)),
@@ -165,14 +165,12 @@ async fn a_restart_keeps_every_sale_closed_until_the_whole_log_is_in_postgres() 
     assert_eq!(uuid_of(&body["id"]), sold[0]);
     let (status, body) = buy(&client, &server.base, sale_id, &buyers[1].1, Some("k2")).await;
     assert_eq!(status, 409, "{body}");
-    let orders: i64 = db
-        .query_one(
-            "SELECT COUNT(*) FROM orders WHERE sale_id = $1 AND status <> 'void'",
-            &[&sale_id],
-        )
+    let orders = db
+        .orders(sale_id)
         .await
-        .map(|r| r.get(0))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .iter()
+        .filter(|o| o.status != "void")
+        .count();
     assert_eq!(orders, 5);
     // No writer is stuck: a graceful stop ends promptly and cleanly.
     server.signal("TERM");
@@ -315,7 +313,7 @@ async fn purchases_go_on_while_a_reservation_in_doubt_waits_for_postgres() {
 
     // PostgreSQL back: the doubt is decided, the orders land, counts agree.
     database.restore();
-    let db = db_client(&direct).await;
+    let db = Probe::open(&direct).await;
     let stored = wait_for_orders(&db, uuid_of(&sale["id"]), sold.len()).await;
     assert!(sold.iter().all(|id| stored.contains(id)));
     assert_counters_match(&app, &sale_id).await;
@@ -433,7 +431,7 @@ async fn sigterm_with_postgres_down_exits_within_the_bound_and_loses_nothing() {
     // The next start, with PostgreSQL back, finds every order in RabbitMQ.
     database.restore();
     let mut server = ServerProcess::start(&settings, &client).await;
-    let db = db_client(&direct).await;
+    let db = Probe::open(&direct).await;
     let stored = held_order_ids(&db, sale_id).await;
     assert!(
         sold.iter().all(|id| stored.contains(id)),

@@ -1,13 +1,19 @@
-//! Spawns a fresh application per test: its own database (created and
-//! migrated), Redis key prefix and RabbitMQ queue names, on port 0. Tests run
-//! in parallel and clean up after themselves; databases left by a test that
-//! panicked are swept by a later run once they are an hour old.
+//! Spawns a fresh application per test, in either storage mode: embedded
+//! (its own SQLite file in its own directory) or services (its own
+//! PostgreSQL database, created and migrated, Redis key prefix and RabbitMQ
+//! queue names), on port 0. Tests run in parallel and clean up after
+//! themselves; databases left by a test that panicked are swept by a later
+//! run once they are an hour old.
+//!
+//! [`both_modes!`] runs a test in both modes; [`Probe`] reads what the
+//! store holds, whichever it is.
 
 use std::sync::Once;
 
 use chrono::{DateTime, Duration, Utc};
-use flashsale::config::{Overrides, Settings};
+use flashsale::config::{Overrides, Settings, StorageMode};
 use flashsale::startup::{Application, ShutdownHandle};
+use rusqlite;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -38,13 +44,53 @@ fn maintenance_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
-/// Settings for one test: shipped defaults, isolated names, cheap hashing.
+/// A storage mode a test runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Embedded,
+    Services,
+}
+
+/// Makes, for each `name`, a module `name` with two tests, `embedded` and
+/// `services`, each calling `name(mode)`: one test body, both modes.
+macro_rules! both_modes {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[actix_web::test]
+                async fn embedded() {
+                    super::$name($crate::helpers::Mode::Embedded).await
+                }
+                #[actix_web::test]
+                async fn services() {
+                    super::$name($crate::helpers::Mode::Services).await
+                }
+            }
+        )+
+    };
+}
+pub(crate) use both_modes;
+
+/// Settings for one test in services mode (see [`test_settings_in`]).
 pub fn test_settings() -> Settings {
+    test_settings_in(Mode::Services)
+}
+
+/// Settings for one test: shipped defaults, isolated names (a SQLite file
+/// of its own, or a database, prefix and queues of its own), cheap hashing.
+pub fn test_settings_in(mode: Mode) -> Settings {
     let mut s = Settings::load_without_env(None, &Overrides::default())
         .unwrap_or_else(|e| panic!("shipped config must load: {e}"));
     let id = unique_id();
     s.server.port = 0;
     s.server.workers = 2;
+    s.storage.mode = match mode {
+        Mode::Embedded => StorageMode::Embedded,
+        Mode::Services => StorageMode::Services,
+    };
+    s.storage.path = std::env::temp_dir()
+        .join(format!("{TEST_DB_PREFIX}{id}"))
+        .join("flashsale.db");
     s.database.url = SecretString::from(format!("{}/{TEST_DB_PREFIX}{id}", maintenance_url()));
     s.database.pool_size = 4;
     s.redis.key_prefix = format!("flashsale_test:{id}");
@@ -108,6 +154,10 @@ async fn sweep_stale_databases() {
 
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(test_settings()).await
+}
+
+pub async fn spawn_app_in(mode: Mode) -> TestApp {
+    spawn_app_with(test_settings_in(mode)).await
 }
 
 pub async fn spawn_app_with(settings: Settings) -> TestApp {
@@ -218,8 +268,14 @@ impl TestApp {
     }
 }
 
-/// Drops the test's database, queues and Redis keys.
+/// Drops the test's SQLite directory, or its database, queues and Redis keys.
 pub async fn cleanup(settings: &Settings) {
+    if settings.storage.mode == StorageMode::Embedded {
+        if let Some(dir) = settings.storage.path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        return;
+    }
     let name = db_name(settings);
     if let Ok((client, conn)) = tokio_postgres::connect(
         &format!("{}/postgres", maintenance_url()),
@@ -341,33 +397,171 @@ pub async fn db_client(settings: &Settings) -> tokio_postgres::Client {
     client
 }
 
-/// Order ids in PostgreSQL for a sale, with status reserved or paid.
-pub async fn held_order_ids(
-    client: &tokio_postgres::Client,
-    sale_id: Uuid,
-) -> std::collections::HashSet<Uuid> {
-    client
-        .query(
-            "SELECT id FROM orders WHERE sale_id = $1 AND status IN ('reserved', 'paid')",
-            &[&sale_id],
-        )
+/// What the test's store holds (its SQLite file, or its PostgreSQL
+/// database), read the way a test checks it: directly, not through the API.
+pub enum Probe {
+    Postgres(tokio_postgres::Client),
+    Sqlite(std::path::PathBuf),
+}
+
+/// One stored order, as the invariants need it.
+#[derive(Debug, Clone)]
+pub struct StoredOrder {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub quantity: i64,
+    pub status: String,
+    pub idempotency_key: Option<String>,
+}
+
+impl Probe {
+    pub async fn open(settings: &Settings) -> Probe {
+        match settings.storage.mode {
+            StorageMode::Embedded => Probe::Sqlite(settings.storage.path.clone()),
+            StorageMode::Services => Probe::Postgres(db_client(settings).await),
+        }
+    }
+
+    fn sqlite(path: &std::path::Path) -> rusqlite::Connection {
+        let conn =
+            rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap_or_else(|e| panic!("test SQLite file: {e}"));
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{e}"));
+        conn
+    }
+
+    /// Every order of a sale, void ones included.
+    pub async fn orders(&self, sale_id: Uuid) -> Vec<StoredOrder> {
+        match self {
+            Probe::Postgres(client) => client
+                .query(
+                    "SELECT id, user_id, quantity, status, idempotency_key FROM orders WHERE sale_id = $1",
+                    &[&sale_id],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .iter()
+                .map(|r| StoredOrder {
+                    id: r.get(0),
+                    user_id: r.get(1),
+                    quantity: i64::from(r.get::<_, i32>(2)),
+                    status: r.get(3),
+                    idempotency_key: r.get(4),
+                })
+                .collect(),
+            Probe::Sqlite(path) => {
+                let conn = Self::sqlite(path);
+                let mut stmt = conn
+                    .prepare("SELECT id, user_id, quantity, status, idempotency_key FROM orders WHERE sale_id = ?1")
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let rows = stmt
+                    .query_map([sale_id.as_bytes()], |r| {
+                        Ok(StoredOrder {
+                            id: Uuid::from_bytes(r.get(0)?),
+                            user_id: Uuid::from_bytes(r.get(1)?),
+                            quantity: r.get(2)?,
+                            status: r.get(3)?,
+                            idempotency_key: r.get(4)?,
+                        })
+                    })
+                    .unwrap_or_else(|e| panic!("{e}"));
+                rows.map(|r| r.unwrap_or_else(|e| panic!("{e}"))).collect()
+            }
+        }
+    }
+
+    /// A sale's stock and per-user limit as stored.
+    pub async fn sale_limits(&self, sale_id: Uuid) -> (i64, i64) {
+        match self {
+            Probe::Postgres(client) => {
+                let row = client
+                    .query_one(
+                        "SELECT stock_total, per_user_limit FROM sales WHERE id = $1",
+                        &[&sale_id],
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                (
+                    i64::from(row.get::<_, i32>(0)),
+                    i64::from(row.get::<_, i32>(1)),
+                )
+            }
+            Probe::Sqlite(path) => Self::sqlite(path)
+                .query_row(
+                    "SELECT stock_total, per_user_limit FROM sales WHERE id = ?1",
+                    [sale_id.as_bytes()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+
+    /// The stored status of an order, if the store has it.
+    pub async fn order_status(&self, id: Uuid) -> Option<String> {
+        match self {
+            Probe::Postgres(client) => client
+                .query_opt("SELECT status FROM orders WHERE id = $1", &[&id])
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .map(|r| r.get(0)),
+            Probe::Sqlite(path) => {
+                use rusqlite::OptionalExtension;
+                Self::sqlite(path)
+                    .query_row(
+                        "SELECT status FROM orders WHERE id = ?1",
+                        [id.as_bytes()],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .unwrap_or_else(|e| panic!("{e}"))
+            }
+        }
+    }
+
+    /// The stored password hash of a user.
+    pub async fn password_hash(&self, username: &str) -> String {
+        match self {
+            Probe::Postgres(client) => client
+                .query_one(
+                    "SELECT password_hash FROM users WHERE username = $1",
+                    &[&username],
+                )
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or_else(|e| panic!("{e}")),
+            Probe::Sqlite(path) => Self::sqlite(path)
+                .query_row(
+                    "SELECT password_hash FROM users WHERE username = ?1",
+                    [username],
+                    |r| r.get(0),
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+}
+
+/// Order ids in the store for a sale, with status reserved or paid.
+pub async fn held_order_ids(probe: &Probe, sale_id: Uuid) -> std::collections::HashSet<Uuid> {
+    probe
+        .orders(sale_id)
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .iter()
-        .map(|r| r.get(0))
+        .into_iter()
+        .filter(|o| o.status == "reserved" || o.status == "paid")
+        .map(|o| o.id)
         .collect()
 }
 
-/// Waits (bounded) until PostgreSQL holds at least `n` reserved or paid
+/// Waits (bounded) until the store holds at least `n` reserved or paid
 /// orders for the sale, and returns what it holds then.
 pub async fn wait_for_orders(
-    client: &tokio_postgres::Client,
+    probe: &Probe,
     sale_id: Uuid,
     n: usize,
 ) -> std::collections::HashSet<Uuid> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let ids = held_order_ids(client, sale_id).await;
+        let ids = held_order_ids(probe, sale_id).await;
         if ids.len() >= n || std::time::Instant::now() > deadline {
             return ids;
         }
@@ -375,30 +569,31 @@ pub async fn wait_for_orders(
     }
 }
 
-/// The invariants over what PostgreSQL holds for a sale: units held by
+/// The invariants over what the store holds for a sale: units held by
 /// reserved and paid orders never exceed the stock, no user holds more than
-/// the limit. Returns the units held.
-pub async fn assert_sale_invariants(client: &tokio_postgres::Client, sale_id: Uuid) -> i64 {
-    let row = client
-        .query_one(
-            "SELECT s.stock_total, s.per_user_limit, \
-               COALESCE((SELECT SUM(quantity) FROM orders o WHERE o.sale_id = s.id AND o.status IN ('reserved','paid')), 0)::BIGINT, \
-               COALESCE((SELECT MAX(u) FROM (SELECT SUM(quantity) AS u FROM orders o WHERE o.sale_id = s.id AND o.status IN ('reserved','paid') GROUP BY user_id) x), 0)::BIGINT \
-             FROM sales s WHERE s.id = $1",
-            &[&sale_id],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (stock, limit, held, max_user): (i32, i32, i64, i64) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
-    assert!(
-        held <= i64::from(stock),
-        "oversold: {held} units held of {stock}"
-    );
-    assert!(
-        max_user <= i64::from(limit),
-        "a user holds {max_user} > limit {limit}"
-    );
+/// the limit, no (user, idempotency key) has two orders. Returns the units
+/// held.
+pub async fn assert_sale_invariants(probe: &Probe, sale_id: Uuid) -> i64 {
+    let (stock, limit) = probe.sale_limits(sale_id).await;
+    let orders = probe.orders(sale_id).await;
+    let mut per_user: std::collections::HashMap<Uuid, i64> = Default::default();
+    let mut keys = std::collections::HashSet::new();
+    let mut held = 0;
+    for o in &orders {
+        if let Some(k) = &o.idempotency_key {
+            assert!(
+                keys.insert((o.user_id, k.clone())),
+                "two orders for one idempotency key {k}"
+            );
+        }
+        if o.status == "reserved" || o.status == "paid" {
+            held += o.quantity;
+            *per_user.entry(o.user_id).or_default() += o.quantity;
+        }
+    }
+    assert!(held <= stock, "oversold: {held} units held of {stock}");
+    let max_user = per_user.values().copied().max().unwrap_or(0);
+    assert!(max_user <= limit, "a user holds {max_user} > limit {limit}");
     held
 }
 
@@ -454,6 +649,8 @@ pub fn server_command(settings: &Settings, port: u16) -> std::process::Command {
             "FLASHSALE__RABBITMQ__DEAD_LETTER_QUEUE",
             &settings.rabbitmq.dead_letter_queue,
         )
+        .env("FLASHSALE__STORAGE__MODE", settings.storage.mode.as_str())
+        .env("FLASHSALE__STORAGE__PATH", &settings.storage.path)
         .env("FLASHSALE__AUTH__ADMIN_TOKEN", ADMIN_TOKEN)
         .env(
             "FLASHSALE__AUTH__JWT_SECRET",
@@ -546,36 +743,25 @@ impl TestApp {
     }
 }
 
-/// Units by status in PostgreSQL for a sale, as (reserved, paid, expired, cancelled).
-pub async fn stored_counters(
-    client: &tokio_postgres::Client,
-    sale_id: Uuid,
-) -> (i64, i64, i64, i64) {
-    let rows = client
-        .query(
-            "SELECT status, SUM(quantity)::BIGINT FROM orders WHERE sale_id = $1 GROUP BY status",
-            &[&sale_id],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+/// Units by status in the store for a sale, as (reserved, paid, expired, cancelled).
+pub async fn stored_counters(probe: &Probe, sale_id: Uuid) -> (i64, i64, i64, i64) {
     let mut c = (0, 0, 0, 0);
-    for r in rows {
-        let units: i64 = r.get(1);
-        match r.get::<_, &str>(0) {
-            "reserved" => c.0 = units,
-            "paid" => c.1 = units,
-            "expired" => c.2 = units,
-            "cancelled" => c.3 = units,
+    for o in probe.orders(sale_id).await {
+        match o.status.as_str() {
+            "reserved" => c.0 += o.quantity,
+            "paid" => c.1 += o.quantity,
+            "expired" => c.2 += o.quantity,
+            "cancelled" => c.3 += o.quantity,
             _ => {}
         }
     }
     c
 }
 
-/// Waits (bounded) until PostgreSQL's counters for the sale equal the admin
+/// Waits (bounded) until the store's counters for the sale equal the admin
 /// view's, then checks the stock adds up; returns the admin view.
 pub async fn assert_counters_match(app: &TestApp, sale_id: &str) -> Value {
-    let db = db_client(&app.settings).await;
+    let db = Probe::open(&app.settings).await;
     let id = Uuid::parse_str(sale_id).unwrap_or_else(|e| panic!("{e}"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
@@ -595,7 +781,7 @@ pub async fn assert_counters_match(app: &TestApp, sale_id: &str) -> Value {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "admin {admin:?} vs PostgreSQL {stored:?}, left {left} of {total}"
+            "admin {admin:?} vs the store {stored:?}, left {left} of {total}"
         );
         actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -683,5 +869,52 @@ where
             "timed out waiting for {what}"
         );
         actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A lock another client holds on the test's store, for fault tests: in
+/// PostgreSQL an exclusive lock on `orders` (the order writers wait, the
+/// log keeps taking orders); in SQLite the write lock of the file (every
+/// commit, the order log's included, waits for it).
+pub enum StoreLock {
+    Postgres(tokio_postgres::Client),
+    Sqlite(rusqlite::Connection),
+}
+
+impl StoreLock {
+    /// Takes the lock.
+    pub async fn take(settings: &Settings) -> StoreLock {
+        match settings.storage.mode {
+            StorageMode::Services => {
+                let client = db_client(settings).await;
+                client
+                    .batch_execute("BEGIN; LOCK TABLE orders IN EXCLUSIVE MODE")
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                StoreLock::Postgres(client)
+            }
+            StorageMode::Embedded => {
+                let conn = rusqlite::Connection::open(&settings.storage.path)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                conn.busy_timeout(std::time::Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                conn.execute_batch("BEGIN IMMEDIATE")
+                    .unwrap_or_else(|e| panic!("{e}"));
+                StoreLock::Sqlite(conn)
+            }
+        }
+    }
+
+    /// Lets go of it.
+    pub async fn release(self) {
+        match self {
+            StoreLock::Postgres(client) => client
+                .batch_execute("ROLLBACK")
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+            StoreLock::Sqlite(conn) => conn
+                .execute_batch("ROLLBACK")
+                .unwrap_or_else(|e| panic!("{e}")),
+        }
     }
 }

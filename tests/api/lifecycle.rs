@@ -8,9 +8,9 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_counters_match, assert_problem, mint_shopper, spawn_app, spawn_app_with, test_settings,
-    TestApp,
+    assert_counters_match, assert_problem, mint_shopper, spawn_app_with, TestApp,
 };
+use crate::helpers::{both_modes, spawn_app_in, test_settings_in, Mode};
 
 async fn reserve(app: &TestApp, sale_id: &str) -> (String, Value) {
     let (_, token) = mint_shopper(&app.settings);
@@ -26,9 +26,8 @@ fn path(order: &Value, action: &str) -> String {
     )
 }
 
-#[actix_web::test]
-async fn pay_then_repeat_then_cancel_is_refused() {
-    let app = spawn_app().await;
+async fn pay_then_repeat_then_cancel_is_refused(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let sale = app.create_sale(json!({"stock_total": 3})).await;
     let sale_id = sale["id"].as_str().unwrap_or_default();
     let (token, order) = reserve(&app, sale_id).await;
@@ -82,9 +81,8 @@ async fn pay_then_repeat_then_cancel_is_refused() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn cancel_returns_stock_and_the_buyer_may_buy_again() {
-    let app = spawn_app().await;
+async fn cancel_returns_stock_and_the_buyer_may_buy_again(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let sale = app
         .create_sale(json!({"stock_total": 1, "per_user_limit": 1}))
         .await;
@@ -136,9 +134,8 @@ async fn cancel_returns_stock_and_the_buyer_may_buy_again() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn expiry_returns_stock_exactly_once() {
-    let app = spawn_app().await;
+async fn expiry_returns_stock_exactly_once(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let sale = app
         .create_sale(json!({"stock_total": 2, "reservation_ttl_secs": 1}))
         .await;
@@ -189,9 +186,8 @@ async fn expiry_returns_stock_exactly_once() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn payment_racing_expiry_has_exactly_one_outcome_per_order() {
-    let app = spawn_app().await;
+async fn payment_racing_expiry_has_exactly_one_outcome_per_order(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let n = 60;
     let sale = app
         .create_sale(json!({"stock_total": n, "reservation_ttl_secs": 1}))
@@ -256,9 +252,8 @@ async fn payment_racing_expiry_has_exactly_one_outcome_per_order() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn expiry_survives_a_restart_and_a_deadline_passed_while_down() {
-    let settings = test_settings();
+async fn expiry_survives_a_restart_and_a_deadline_passed_while_down(mode: Mode) {
+    let settings = test_settings_in(mode);
     let app = spawn_app_with(settings).await;
     let sale = app
         .create_sale(json!({"stock_total": 3, "reservation_ttl_secs": 2}))
@@ -313,9 +308,8 @@ async fn expiry_survives_a_restart_and_a_deadline_passed_while_down() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn a_mixed_run_keeps_every_count_exact() {
-    let app = spawn_app().await;
+async fn a_mixed_run_keeps_every_count_exact(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let sale = app
         .create_sale(json!({"stock_total": 30, "reservation_ttl_secs": 1, "per_user_limit": 2}))
         .await;
@@ -384,9 +378,8 @@ mod webhook {
         (status, res.json().await.unwrap_or_default())
     }
 
-    #[actix_web::test]
-    async fn signed_deliveries_pay_once_and_bad_ones_are_refused() {
-        let mut settings = test_settings();
+    async fn signed_deliveries_pay_once_and_bad_ones_are_refused(mode: Mode) {
+        let mut settings = test_settings_in(mode);
         settings.payments.provider = PaymentProviderKind::Webhook;
         let app = spawn_app_with(settings).await;
         let sale = app
@@ -536,4 +529,15 @@ mod webhook {
         );
         app.teardown().await;
     }
+
+    both_modes!(signed_deliveries_pay_once_and_bad_ones_are_refused);
 }
+
+both_modes!(
+    pay_then_repeat_then_cancel_is_refused,
+    cancel_returns_stock_and_the_buyer_may_buy_again,
+    expiry_returns_stock_exactly_once,
+    payment_racing_expiry_has_exactly_one_outcome_per_order,
+    expiry_survives_a_restart_and_a_deadline_passed_while_down,
+    a_mixed_run_keeps_every_count_exact,
+);

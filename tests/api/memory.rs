@@ -6,9 +6,10 @@ use chrono::{Duration, Utc};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_counters_match, assert_problem, mint_shopper, rfc3339, spawn_app_with, test_settings,
-    wait_for, TestApp, ADMIN_TOKEN,
+    assert_counters_match, assert_problem, mint_shopper, rfc3339, spawn_app_with, wait_for,
+    TestApp, ADMIN_TOKEN,
 };
+use crate::helpers::{both_modes, test_settings_in, Mode};
 
 /// The admin status of one stock actor.
 async fn actor(app: &TestApp, sale_id: &str) -> Value {
@@ -25,9 +26,8 @@ fn order_path(order: &Value, action: &str) -> String {
     )
 }
 
-#[actix_web::test]
-async fn settled_orders_leave_the_book_and_every_answer_stays_the_same() {
-    let mut settings = test_settings();
+async fn settled_orders_leave_the_book_and_every_answer_stays_the_same(mode: Mode) {
+    let mut settings = test_settings_in(mode);
     settings.orders.directory_evict_after_secs = 1;
     let app = spawn_app_with(settings).await;
     let sale = app
@@ -113,9 +113,8 @@ async fn settled_orders_leave_the_book_and_every_answer_stays_the_same() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn an_ended_sales_actor_stops_and_starts_again_when_needed() {
-    let mut settings = test_settings();
+async fn an_ended_sales_actor_stops_and_starts_again_when_needed(mode: Mode) {
+    let mut settings = test_settings_in(mode);
     settings.stock.idle_stop_after_secs = 1;
     let app = spawn_app_with(settings).await;
     let now = Utc::now();
@@ -179,3 +178,8 @@ async fn an_ended_sales_actor_stops_and_starts_again_when_needed() {
     assert_counters_match(&app, sale_id).await;
     app.teardown().await;
 }
+
+both_modes!(
+    settled_orders_leave_the_book_and_every_answer_stays_the_same,
+    an_ended_sales_actor_stops_and_starts_again_when_needed,
+);

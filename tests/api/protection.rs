@@ -11,9 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::helpers::{
-    assert_problem, assert_sale_invariants, db_client, mint_shopper, spawn_app, spawn_app_with,
-    test_settings, uuid_of, wait_for, wait_for_orders, TestApp, ADMIN_TOKEN,
+    assert_problem, assert_sale_invariants, mint_shopper, spawn_app_with, uuid_of, wait_for,
+    wait_for_orders, TestApp, ADMIN_TOKEN,
 };
+use crate::helpers::{both_modes, spawn_app_in, test_settings_in, Mode, Probe};
 use crate::proxy::TcpProxy;
 
 async fn get_with(app: &TestApp, path: &str, forwarded_for: Option<&str>) -> reqwest::Response {
@@ -24,9 +25,8 @@ async fn get_with(app: &TestApp, path: &str, forwarded_for: Option<&str>) -> req
     req.send().await.unwrap_or_else(|e| panic!("{e}"))
 }
 
-#[actix_web::test]
-async fn the_ip_quota_holds_says_when_to_retry_and_resets() {
-    let mut settings = test_settings();
+async fn the_ip_quota_holds_says_when_to_retry_and_resets(mode: Mode) {
+    let mut settings = test_settings_in(mode);
     settings.limits.per_ip_per_second = 5;
     settings.limits.per_ip_burst = 5;
     let app = spawn_app_with(settings).await;
@@ -54,9 +54,8 @@ async fn the_ip_quota_holds_says_when_to_retry_and_resets() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn forwarded_for_counts_only_from_a_trusted_proxy() {
-    let mut settings = test_settings();
+async fn forwarded_for_counts_only_from_a_trusted_proxy(mode: Mode) {
+    let mut settings = test_settings_in(mode);
     settings.limits.per_ip_per_second = 2;
     settings.limits.per_ip_burst = 2;
     settings.limits.trusted_proxies = vec!["127.0.0.1".into()];
@@ -84,7 +83,7 @@ async fn forwarded_for_counts_only_from_a_trusted_proxy() {
     );
     app.teardown().await;
 
-    let mut settings = test_settings();
+    let mut settings = test_settings_in(mode);
     settings.limits.per_ip_per_second = 2;
     settings.limits.per_ip_burst = 2;
     let app = spawn_app_with(settings).await;
@@ -106,9 +105,8 @@ async fn forwarded_for_counts_only_from_a_trusted_proxy() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn the_per_user_purchase_quota_holds() {
-    let mut settings = test_settings();
+async fn the_per_user_purchase_quota_holds(mode: Mode) {
+    let mut settings = test_settings_in(mode);
     settings.limits.purchases_per_user_per_second = 1;
     settings.limits.purchases_per_user_burst = 2;
     let app = spawn_app_with(settings).await;
@@ -146,7 +144,7 @@ async fn readiness(app: &TestApp) -> (u16, Value) {
 #[actix_web::test]
 async fn redis_down_pauses_snapshots_and_nothing_else() {
     let proxy = TcpProxy::start("127.0.0.1:6379").await;
-    let mut settings = test_settings();
+    let mut settings = test_settings_in(Mode::Services);
     settings.redis.url = secrecy::SecretString::from(format!("redis://127.0.0.1:{}", proxy.port));
     settings.redis.connect_timeout_ms = 300;
     settings.breakers.open_ms = 200;
@@ -217,7 +215,7 @@ async fn redis_down_pauses_snapshots_and_nothing_else() {
         readiness(&app).await.1["status"] == "ready"
     })
     .await;
-    let db = db_client(&app.settings).await;
+    let db = Probe::open(&app.settings).await;
     assert_eq!(wait_for_orders(&db, uuid_of(&sale["id"]), 5).await, created);
     app.teardown().await;
 }
@@ -225,7 +223,7 @@ async fn redis_down_pauses_snapshots_and_nothing_else() {
 #[actix_web::test]
 async fn postgres_down_buffers_orders_in_rabbitmq_and_catches_up() {
     let proxy = TcpProxy::start("127.0.0.1:5432").await;
-    let mut settings = test_settings();
+    let mut settings = test_settings_in(Mode::Services);
     let db_name = crate::helpers::db_name(&settings);
     settings.database.url = secrecy::SecretString::from(format!(
         "postgres://postgres@127.0.0.1:{}/{db_name}",
@@ -297,7 +295,7 @@ async fn postgres_down_buffers_orders_in_rabbitmq_and_catches_up() {
     assert!(res.status().as_u16() == 200 || res.status().as_u16() == 404);
 
     proxy.restore();
-    let db = db_client(&app.settings).await;
+    let db = Probe::open(&app.settings).await;
     let stored = wait_for_orders(&db, uuid_of(&sale["id"]), 10).await;
     assert_eq!(
         stored, created,
@@ -326,9 +324,8 @@ async fn postgres_down_buffers_orders_in_rabbitmq_and_catches_up() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn a_burst_far_above_capacity_is_answered_not_dropped() {
-    let mut settings = test_settings();
+async fn a_burst_far_above_capacity_is_answered_not_dropped(mode: Mode) {
+    let mut settings = test_settings_in(mode);
     settings.stock.mailbox_capacity = 16;
     settings.orders.publish_queue_capacity = 32;
     settings.limits.purchases_per_user_per_second = 2;
@@ -385,7 +382,7 @@ async fn a_burst_far_above_capacity_is_answered_not_dropped() {
         by_code.get("rate_limited").copied().unwrap_or(0) > 0,
         "{by_code:?}"
     );
-    let db = db_client(&app.settings).await;
+    let db = Probe::open(&app.settings).await;
     let stored = wait_for_orders(&db, uuid_of(&sale["id"]), created.len()).await;
     assert_eq!(stored, created, "{by_code:?}");
     assert_sale_invariants(&db, uuid_of(&sale["id"])).await;
@@ -413,9 +410,8 @@ fn b64(v: &Value) -> String {
     out
 }
 
-#[actix_web::test]
-async fn hostile_tokens_are_refused() {
-    let app = spawn_app().await;
+async fn hostile_tokens_are_refused(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let secret = secrecy::ExposeSecret::expose_secret(&app.settings.auth.jwt_secret).to_owned();
     let now = Utc::now().timestamp();
     let claims = |iss: &str, exp: i64| json!({"sub": Uuid::new_v4(), "iss": iss, "iat": now - 10, "exp": exp});
@@ -462,9 +458,8 @@ async fn hostile_tokens_are_refused() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn a_remembered_token_is_refused_once_it_expires() {
-    let app = spawn_app().await;
+async fn a_remembered_token_is_refused_once_it_expires(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let secret = secrecy::ExposeSecret::expose_secret(&app.settings.auth.jwt_secret).to_owned();
     let now = Utc::now().timestamp();
     let exp = now + 1;
@@ -490,9 +485,8 @@ async fn a_remembered_token_is_refused_once_it_expires() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn huge_headers_and_slow_clients_are_cut_off() {
-    let mut settings = test_settings();
+async fn huge_headers_and_slow_clients_are_cut_off(mode: Mode) {
+    let mut settings = test_settings_in(mode);
     settings.server.client_request_timeout_ms = 1000;
     let app = spawn_app_with(settings).await;
     // The server closes a connection after refusing its head: send these on
@@ -572,9 +566,8 @@ async fn huge_headers_and_slow_clients_are_cut_off() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn ids_that_are_not_ids_are_404_on_every_route() {
-    let app = spawn_app().await;
+async fn ids_that_are_not_ids_are_404_on_every_route(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let (_, token) = mint_shopper(&app.settings);
     for path in [
         "/api/v1/sales/%20",
@@ -614,3 +607,14 @@ async fn ids_that_are_not_ids_are_404_on_every_route() {
     assert_eq!(list["orders"].as_array().map(Vec::len), Some(0));
     app.teardown().await;
 }
+
+both_modes!(
+    the_ip_quota_holds_says_when_to_retry_and_resets,
+    forwarded_for_counts_only_from_a_trusted_proxy,
+    the_per_user_purchase_quota_holds,
+    a_burst_far_above_capacity_is_answered_not_dropped,
+    hostile_tokens_are_refused,
+    a_remembered_token_is_refused_once_it_expires,
+    huge_headers_and_slow_clients_are_cut_off,
+    ids_that_are_not_ids_are_404_on_every_route,
+);

@@ -8,13 +8,13 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::helpers::{
-    assert_problem, assert_sale_invariants, db_client, mint_shopper, rfc3339, spawn_app,
-    spawn_app_with, test_settings, uuid_of, wait_for_orders, ADMIN_TOKEN,
+    assert_problem, assert_sale_invariants, mint_shopper, rfc3339, spawn_app_with, uuid_of,
+    wait_for_orders, ADMIN_TOKEN,
 };
+use crate::helpers::{both_modes, spawn_app_in, test_settings_in, Mode, Probe};
 
-#[actix_web::test]
-async fn a_crowd_buys_exactly_the_stock() {
-    let app = spawn_app().await;
+async fn a_crowd_buys_exactly_the_stock(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let sale = app
         .create_sale(json!({"stock_total": 100, "per_user_limit": 1}))
         .await;
@@ -70,7 +70,7 @@ async fn a_crowd_buys_exactly_the_stock() {
     assert_eq!(view["stock_left"], 0);
     assert_eq!(view["status"], "sold_out");
 
-    let db = db_client(&app.settings).await;
+    let db = Probe::open(&app.settings).await;
     let stored = wait_for_orders(&db, uuid_of(&sale["id"]), 100).await;
     let answered: HashSet<Uuid> = won.values().copied().collect();
     assert_eq!(
@@ -81,9 +81,8 @@ async fn a_crowd_buys_exactly_the_stock() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn racing_replays_of_one_idempotency_key_make_one_order() {
-    let app = spawn_app().await;
+async fn racing_replays_of_one_idempotency_key_make_one_order(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let sale = app
         .create_sale(json!({"stock_total": 5, "per_user_limit": 2}))
         .await;
@@ -124,24 +123,21 @@ async fn racing_replays_of_one_idempotency_key_make_one_order() {
         (409, Some("limit_reached"))
     );
 
-    let db = db_client(&app.settings).await;
+    let db = Probe::open(&app.settings).await;
     let stored = wait_for_orders(&db, uuid_of(&sale["id"]), 2).await;
     assert_eq!(stored.len(), 2);
-    let keyed: i64 = db
-        .query_one(
-            "SELECT COUNT(*) FROM orders WHERE idempotency_key = 'order-42'",
-            &[],
-        )
+    let keyed = db
+        .orders(uuid_of(&sale["id"]))
         .await
-        .map(|r| r.get(0))
-        .unwrap_or(-1);
+        .iter()
+        .filter(|o| o.idempotency_key.as_deref() == Some("order-42"))
+        .count();
     assert_eq!(keyed, 1);
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn an_order_is_visible_to_its_owner_at_once_and_to_no_one_else() {
-    let app = spawn_app().await;
+async fn an_order_is_visible_to_its_owner_at_once_and_to_no_one_else(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let sale = app.create_sale(json!({"stock_total": 3})).await;
     let sale_id = sale["id"].as_str().unwrap_or_default();
     let (_, token) = app.new_shopper().await;
@@ -200,9 +196,8 @@ async fn an_order_is_visible_to_its_owner_at_once_and_to_no_one_else() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn every_purchase_error_code() {
-    let app = spawn_app().await;
+async fn every_purchase_error_code(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let now = Utc::now();
     let live = app
         .create_sale(json!({"stock_total": 2, "per_user_limit": 1}))
@@ -224,7 +219,7 @@ async fn every_purchase_error_code() {
         "unauthenticated",
     )
     .await;
-    let mut foreign = test_settings();
+    let mut foreign = test_settings_in(mode);
     foreign.auth.jwt_secret = secrecy::SecretString::from("another-secret-entirely-for-tests");
     let (_, forged) = mint_shopper(&foreign);
     assert_problem(
@@ -350,15 +345,14 @@ async fn every_purchase_error_code() {
     );
     assert_eq!(app.purchase(live_id, &t3, None, None).await.0, 201);
 
-    let db = db_client(&app.settings).await;
+    let db = Probe::open(&app.settings).await;
     wait_for_orders(&db, uuid_of(&live["id"]), 3).await;
     assert_eq!(assert_sale_invariants(&db, uuid_of(&live["id"])).await, 3);
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn a_full_mailbox_is_answered_503_with_retry_after_never_a_hang() {
-    let mut settings = test_settings();
+async fn a_full_mailbox_is_answered_503_with_retry_after_never_a_hang(mode: Mode) {
+    let mut settings = test_settings_in(mode);
     settings.stock.mailbox_capacity = 1;
     let app = spawn_app_with(settings).await;
     let sale = app
@@ -403,7 +397,7 @@ async fn a_full_mailbox_is_answered_503_with_retry_after_never_a_hang() {
         overloaded > 0,
         "a mailbox of 1 under 600 concurrent buyers must shed some"
     );
-    let db = db_client(&app.settings).await;
+    let db = Probe::open(&app.settings).await;
     let stored = wait_for_orders(&db, uuid_of(&sale["id"]), created.len()).await;
     assert_eq!(stored, created, "shed purchases reserved nothing");
     let view: Value = app
@@ -418,3 +412,11 @@ async fn a_full_mailbox_is_answered_503_with_retry_after_never_a_hang() {
     );
     app.teardown().await;
 }
+
+both_modes!(
+    a_crowd_buys_exactly_the_stock,
+    racing_replays_of_one_idempotency_key_make_one_order,
+    an_order_is_visible_to_its_owner_at_once_and_to_no_one_else,
+    every_purchase_error_code,
+    a_full_mailbox_is_answered_503_with_retry_after_never_a_hang,
+);

@@ -2,11 +2,11 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_problem, spawn_app};
+use crate::helpers::assert_problem;
+use crate::helpers::{both_modes, spawn_app_in, Mode};
 
-#[actix_web::test]
-async fn register_then_log_in() {
-    let app = spawn_app().await;
+async fn register_then_log_in(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     let res = app.register("alice_01", "correct horse").await;
     assert_eq!(res.status(), 201);
     let user: Value = res.json().await.unwrap_or_default();
@@ -35,24 +35,14 @@ async fn register_then_log_in() {
 }
 
 async fn stored_hash(app: &crate::helpers::TestApp, username: &str) -> String {
-    let url = secrecy::ExposeSecret::expose_secret(&app.settings.database.url).to_owned();
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+    crate::helpers::Probe::open(&app.settings)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    actix_web::rt::spawn(conn);
-    client
-        .query_one(
-            "SELECT password_hash FROM users WHERE username = $1",
-            &[&username],
-        )
+        .password_hash(username)
         .await
-        .map(|r| r.get(0))
-        .unwrap_or_else(|e| panic!("{e}"))
 }
 
-#[actix_web::test]
-async fn registration_failures() {
-    let app = spawn_app().await;
+async fn registration_failures(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     assert_eq!(app.register("bob_smith", "password123").await.status(), 201);
     assert_problem(
         app.register("bob_smith", "another-password").await,
@@ -108,9 +98,8 @@ async fn registration_failures() {
     app.teardown().await;
 }
 
-#[actix_web::test]
-async fn login_failures() {
-    let app = spawn_app().await;
+async fn login_failures(mode: Mode) {
+    let app = spawn_app_in(mode).await;
     assert_eq!(app.register("erin", "password123").await.status(), 201);
     for (username, password) in [
         ("erin", "password124"),
@@ -128,3 +117,5 @@ async fn login_failures() {
     }
     app.teardown().await;
 }
+
+both_modes!(register_then_log_in, registration_failures, login_failures,);
