@@ -1,8 +1,11 @@
-// Starts the flashsale binary for a browser test: its own database, Redis
-// prefix and queue names, on a free port of 127.0.0.1; and cleans up after.
-import { spawn, execFileSync } from 'node:child_process';
+// Starts the flashsale binary for a browser test with its defaults (embedded
+// mode), its SQLite file in a directory of its own, on a free port of
+// 127.0.0.1; and removes the directory after.
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { randomBytes } from 'node:crypto';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = fileURLToPath(new URL('../..', import.meta.url));
@@ -20,22 +23,14 @@ function freePort() {
 }
 
 export async function startServer() {
-  const id = `${Math.floor(Date.now() / 1000)}_${randomBytes(6).toString('hex')}`;
   const port = await freePort();
-  const names = {
-    db: `flashsale_test_${id}`,
-    queue: `flashsale.test.${id}.orders`,
-    dead: `flashsale.test.${id}.dead`,
-  };
+  const dir = mkdtempSync(join(tmpdir(), 'flashsale_browser_'));
   const env = {
     ...process.env,
     FLASHSALE__SERVER__HOST: '127.0.0.1',
     FLASHSALE__SERVER__PORT: String(port),
     FLASHSALE__SERVER__WORKERS: '2',
-    FLASHSALE__DATABASE__URL: `postgres://postgres@127.0.0.1:5432/${names.db}`,
-    FLASHSALE__REDIS__KEY_PREFIX: `flashsale_test:${id}`,
-    FLASHSALE__RABBITMQ__QUEUE: names.queue,
-    FLASHSALE__RABBITMQ__DEAD_LETTER_QUEUE: names.dead,
+    FLASHSALE__STORAGE__PATH: join(dir, 'flashsale.db'),
     FLASHSALE__AUTH__ADMIN_TOKEN: ADMIN_TOKEN,
     FLASHSALE__AUTH__ARGON2_MEMORY_KIB: '256',
     FLASHSALE__AUTH__ARGON2_ITERATIONS: '1',
@@ -44,6 +39,7 @@ export async function startServer() {
     FLASHSALE__TELEMETRY__LOG_FILTER: 'warn',
   };
   delete env.RUST_LOG;
+  delete env.FLASHSALE__STORAGE__MODE;
   const bin = process.env.FLASHSALE_BIN || `${root}target/debug/flashsale`;
   const child = spawn(bin, [], { cwd: root, env, stdio: ['ignore', 'inherit', 'inherit'] });
   const base = `http://127.0.0.1:${port}`;
@@ -66,14 +62,7 @@ export async function startServer() {
         await Promise.race([exited, new Promise((r) => setTimeout(r, 20_000))]);
         if (child.exitCode === null) child.kill('SIGKILL');
       }
-      const quiet = { stdio: 'ignore' };
-      try {
-        execFileSync('psql', ['-q', '-h', '127.0.0.1', '-U', 'postgres', '-d', 'postgres', '-c',
-          `DROP DATABASE IF EXISTS "${names.db}" WITH (FORCE)`], quiet);
-      } catch { /* a later run's sweep drops it */ }
-      for (const q of [names.queue, names.dead]) {
-        try { execFileSync('rabbitmqctl', ['-q', 'delete_queue', q], quiet); } catch { /* best effort */ }
-      }
+      rmSync(dir, { recursive: true, force: true });
     },
   };
 }
