@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Benchmark: builds the release binary, starts the server with
-# load-tests/bench.toml on 127.0.0.1, and measures in one run with wrk:
+# load-tests/bench.toml on 127.0.0.1, and measures in one run with wrk, in
+# each storage mode (embedded, then services) on a fresh server and store:
 #   1. GET /healthz                       (the ceiling)
 #   2. purchases on a sold-out sale       (the hot "no")
 #   3. durable reservations, ample stock, a distinct buyer per request
-# then checks that PostgreSQL holds every order answered 201; then, on a
+# then checks that the store holds every order answered 201
+# (BENCH_CORE_ONLY=1 stops here and prints this part); then, in services
+# mode, on a
 # fresh server, 4. the goose `rush` scenario (100,000 distinct buyers, goose
 # throttled, invariant check included) while sampling the server's memory;
 # then, on a fresh server with the shipped rate limits on, 5. hostile
@@ -34,20 +37,27 @@ PORT=18080
 BASE="http://127.0.0.1:$PORT"
 ADMIN="Authorization: Bearer bench-admin-token"
 WORK=$(mktemp -d)
+SERVER_PID=
 trap 'kill $SERVER_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 scripts/services
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 cargo build --release -q -p flashsale -p flashsale-load-tests
 
-# A fresh world: database and queues of the benchmark only.
-psql -q -h 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS flashsale_bench WITH (FORCE)' >/dev/null
-for q in flashsale.bench.orders flashsale.bench.dead; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
-
-target/release/flashsale --config load-tests/bench.toml &
-SERVER_PID=$!
-for _ in $(seq 1 200); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
-curl -sf "$BASE/readyz" >/dev/null || { echo "bench: server not ready" >&2; exit 1; }
+# A fresh world for services mode: database and queues of the benchmark only.
+fresh_services() {
+  psql -q -h 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS flashsale_bench WITH (FORCE)' >/dev/null
+  for q in flashsale.bench.orders flashsale.bench.dead; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
+}
+# Starts the server with load-tests/bench.toml and `VAR=value` overrides,
+# and waits until it is ready.
+start_server() {
+  env "$@" target/release/flashsale --config load-tests/bench.toml &
+  SERVER_PID=$!
+  for _ in $(seq 1 3000); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
+  curl -sf "$BASE/readyz" >/dev/null || { echo "bench: server not ready" >&2; exit 1; }
+}
+stop_server() { stop_server; }
 
 BIG_UNITS=${BENCH_BIG_UNITS:-2000000}
 TOKENS=$(( SECONDS_RESERVE * 90000 ))
@@ -60,9 +70,6 @@ sale() { # stock limit
     -d "{\"name\":\"bench\",\"price_cents\":100,\"stock_total\":$1,\"per_user_limit\":$2,\"starts_at\":\"2020-01-01T00:00:00Z\",\"ends_at\":\"2099-01-01T00:00:00Z\"}" \
     | python3 -c 'import sys,json; print(json.load(sys.stdin)["id"])'
 }
-SOLD=$(sale 1 1)
-curl -sf -X POST "$BASE/api/v1/sales/$SOLD/purchases" -H "Authorization: Bearer $(head -n1 "$WORK/few-tokens.txt")" >/dev/null
-AMPLE=$(sale 10000000 1)
 
 run_wrk() { # name seconds connections script-args...
   local name=$1 secs=$2 conns=$3; shift 3
@@ -71,57 +78,139 @@ run_wrk() { # name seconds connections script-args...
 }
 field() { grep -E "^$2" "$WORK/$1.out" | awk '{print $NF}' | head -n1; }
 rps() { grep -E '^Requests/sec' "$WORK/$1.out" | awk '{print $2}'; }
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 
-echo "== healthz"; run_wrk healthz "$SECONDS_SHORT" "$CONNECTIONS" -s load-tests/wrk/latency.lua "$BASE/healthz"
-# The sold-out run sends one prebuilt request (a shopper's token in a
-# header), so wrk spends exactly what it spends on /healthz: the ratio
-# compares the server's two paths, not two client scripts. Its one token is
-# answered from each worker's verified-token cache after the first request,
-# as a buyer pressing "buy" again is. A short second run rotates 20,000
-# buyers and counts the answers, to show they are all 409s.
-echo "== sold out"; run_wrk soldout "$SECONDS_SHORT" "$CONNECTIONS" -H "Authorization: Bearer $(sed -n 2p "$WORK/few-tokens.txt")" -s load-tests/wrk/post.lua "$BASE/api/v1/sales/$SOLD/purchases"
-echo "== sold out, many buyers, answers counted"; run_wrk soldout-count 3 "$CONNECTIONS" -s load-tests/wrk/purchase.lua "$BASE" -- "/api/v1/sales/$SOLD/purchases" "$WORK/few-tokens.txt"
-echo "== reserve"
-( while sleep 2; do rabbitmqctl -q list_queues name messages 2>/dev/null | awk '$1=="flashsale.bench.orders"{print $2}'; done ) > "$WORK/depth.txt" &
-DEPTH_PID=$!
-RSS_MAX=0
-( while sleep 1; do ps -o rss= -p $SERVER_PID; done ) > "$WORK/rss.txt" &
-RSS_PID=$!
-# CPU of every process in the run, every 2 s (clock ticks): the server,
-# PostgreSQL, RabbitMQ and wrk. The report averages the intervals in which
-# the server was busy (wrk's start-up, which reads every token, is not).
-( while sleep 2; do
-    printf '%s ' "$(awk '{print $14+$15}' /proc/$SERVER_PID/stat 2>/dev/null || echo 0)"
-    { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk '
-      $2 == "(postgres)" {pg += $14 + $15} $2 == "(beam.smp)" {mq += $14 + $15} $2 == "(wrk)" {wk += $14 + $15}
-      END {print pg + 0, mq + 0, wk + 0}'
-  done ) > "$WORK/cpu.txt" &
-CPU_PID=$!
-# An operator polling the actor status every second during the run.
-( while sleep 1; do curl -s -o /dev/null -w '%{time_total}\n' -H "$ADMIN" "$BASE/admin/v1/actors"; done ) > "$WORK/poll.txt" &
-POLL_PID=$!
-# reserve.lua formats every request once at start and has no response
-# callback, so wrk's own CPU stays small; 201s are counted as requests minus
-# non-2xx answers and checked against PostgreSQL below.
-run_wrk reserve "$SECONDS_RESERVE" "$RESERVE_CONNECTIONS" -s load-tests/wrk/reserve.lua "$BASE" -- "/api/v1/sales/$AMPLE/purchases" "$WORK/tokens.txt"
-kill $DEPTH_PID $RSS_PID $POLL_PID $CPU_PID 2>/dev/null || true
+# Per-process CPU during the busy part of a reservation run, as % of one
+# core and as microseconds per durable reservation.
+cpu_line() { # samples-file 201s-per-second
+  python3 - "$1" "$(getconf CLK_TCK)" "$2" "$(nproc)" <<'PY'
+import sys
+rows = [list(map(int, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 4]
+tck, rate = int(sys.argv[2]), float(sys.argv[3])
+busy = [[b - a for a, b in zip(r0, r1)] for r0, r1 in zip(rows, rows[1:])]
+busy = [d for d in busy if d[0] > tck]  # server above 50% of a core over 2 s
+if not busy or rate <= 0:
+    print("not sampled")
+else:
+    pct = [100.0 * sum(d[i] for d in busy) / (2 * tck * len(busy)) for i in range(4)]
+    us = [p / 100 * 1e6 / rate for p in pct]
+    names = ["server", "PostgreSQL", "RabbitMQ", "wrk"]
+    parts = ", ".join(f"{n} {p:.0f}% ({u:.0f} µs)" for n, p, u in zip(names, pct, us))
+    print(f"{parts}; {sum(pct):.0f}% of the machine's {100 * int(sys.argv[4])}% in all, {sum(us):.0f} µs of CPU per durable reservation ({len(busy)} busy 2 s intervals)")
+PY
+}
 
-# Graceful stop drains the log; then PostgreSQL must hold every 201.
-kill -TERM $SERVER_PID; wait $SERVER_PID || true
-STORED=$(psql -tA -h 127.0.0.1 -U postgres -d flashsale_bench -c "SELECT COUNT(*) FROM orders WHERE sale_id = '$AMPLE' AND status = 'reserved'")
-RESERVE_TOTAL=$(field reserve requests); RESERVE_TOTAL=${RESERVE_TOTAL:-0}
-RESERVE_NON2XX=$(awk '/Non-2xx/ {print $NF}' "$WORK/reserve.out"); RESERVE_NON2XX=${RESERVE_NON2XX:-0}
-CREATED=$(( RESERVE_TOTAL - RESERVE_NON2XX ))
-SOLDOUT_OTHER=$(awk '/^status / && $2 != "409:" {s+=$3} END {print s+0}' "$WORK/soldout-count.out")
-SOLDOUT_409=$(awk '/^status 409:/ {print $3}' "$WORK/soldout-count.out")
+# 1-3 in one storage mode, on a fresh server and store: /healthz, the
+# sold-out storm, durable reservations (with the samplers), then a graceful
+# stop and the count of what the store holds. Results in $WORK/MODE-*.out
+# and the arrays below, keyed by mode.
+declare -A STORED CREATED DEPTH_MAX DEPTH_LAST RSS_PEAK CPU POLLS POLL_MAX SOLDOUT_409 SOLDOUT_OTHER RESERVE_TOTAL RESERVE_NON2XX
+core_runs() { # embedded | services
+  local m=$1
+  if [ "$m" = services ]; then
+    fresh_services
+    start_server FLASHSALE__STORAGE__MODE=services
+  else
+    rm -f "$WORK"/embedded.db*
+    start_server FLASHSALE__STORAGE__MODE=embedded FLASHSALE__STORAGE__PATH="$WORK/embedded.db"
+  fi
+  local sold ample
+  sold=$(sale 1 1)
+  curl -sf -X POST "$BASE/api/v1/sales/$sold/purchases" -H "Authorization: Bearer $(head -n1 "$WORK/few-tokens.txt")" >/dev/null
+  ample=$(sale 10000000 1)
+  echo "== $m: healthz"; run_wrk "$m-healthz" "$SECONDS_SHORT" "$CONNECTIONS" -s load-tests/wrk/latency.lua "$BASE/healthz"
+  # The sold-out run sends one prebuilt request (a shopper's token in a
+  # header), so wrk spends exactly what it spends on /healthz: the ratio
+  # compares the server's two paths, not two client scripts. Its one token
+  # is answered from each worker's verified-token cache after the first
+  # request, as a buyer pressing "buy" again is. A short second run rotates
+  # 20,000 buyers and counts the answers, to show they are all 409s.
+  echo "== $m: sold out"; run_wrk "$m-soldout" "$SECONDS_SHORT" "$CONNECTIONS" -H "Authorization: Bearer $(sed -n 2p "$WORK/few-tokens.txt")" -s load-tests/wrk/post.lua "$BASE/api/v1/sales/$sold/purchases"
+  echo "== $m: sold out, many buyers, answers counted"; run_wrk "$m-soldout-count" 3 "$CONNECTIONS" -s load-tests/wrk/purchase.lua "$BASE" -- "/api/v1/sales/$sold/purchases" "$WORK/few-tokens.txt"
+  echo "== $m: reserve"
+  local pids=()
+  ( while sleep 2; do rabbitmqctl -q list_queues name messages 2>/dev/null | awk '$1=="flashsale.bench.orders"{print $2}'; done ) > "$WORK/$m-depth.txt" &
+  pids+=($!)
+  ( while sleep 1; do ps -o rss= -p $SERVER_PID; done ) > "$WORK/$m-rss.txt" &
+  pids+=($!)
+  # CPU of every process in the run, every 2 s (clock ticks): the server,
+  # PostgreSQL, RabbitMQ and wrk. The report averages the intervals in which
+  # the server was busy (wrk's start-up, which reads every token, is not).
+  ( while sleep 2; do
+      printf '%s ' "$(awk '{print $14+$15}' /proc/$SERVER_PID/stat 2>/dev/null || echo 0)"
+      { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk '
+        $2 == "(postgres)" {pg += $14 + $15} $2 == "(beam.smp)" {mq += $14 + $15} $2 == "(wrk)" {wk += $14 + $15}
+        END {print pg + 0, mq + 0, wk + 0}'
+    done ) > "$WORK/$m-cpu.txt" &
+  pids+=($!)
+  # An operator polling the actor status every second during the run.
+  ( while sleep 1; do curl -s -o /dev/null -w '%{time_total}\n' -H "$ADMIN" "$BASE/admin/v1/actors"; done ) > "$WORK/$m-poll.txt" &
+  pids+=($!)
+  # reserve.lua formats every request once at start and has no response
+  # callback, so wrk's own CPU stays small; 201s are counted as requests
+  # minus non-2xx answers and checked against the store below.
+  run_wrk "$m-reserve" "$SECONDS_RESERVE" "$RESERVE_CONNECTIONS" -s load-tests/wrk/reserve.lua "$BASE" -- "/api/v1/sales/$ample/purchases" "$WORK/tokens.txt"
+  kill "${pids[@]}" 2>/dev/null || true
+  # A graceful stop (services: the writers drain the log); then the store
+  # must hold every 201.
+  stop_server
+  if [ "$m" = services ]; then
+    STORED[$m]=$(psql -tA -h 127.0.0.1 -U postgres -d flashsale_bench -c "SELECT COUNT(*) FROM orders WHERE sale_id = '$ample' AND status = 'reserved'")
+  else
+    STORED[$m]=$(python3 -c "import sqlite3,sys,uuid; c=sqlite3.connect(sys.argv[1]); print(c.execute(\"SELECT COUNT(*) FROM orders WHERE sale_id = ? AND status = 'reserved'\", (uuid.UUID(sys.argv[2]).bytes,)).fetchone()[0])" "$WORK/embedded.db" "$ample")
+  fi
+  RESERVE_TOTAL[$m]=$(field "$m-reserve" requests); RESERVE_TOTAL[$m]=${RESERVE_TOTAL[$m]:-0}
+  RESERVE_NON2XX[$m]=$(awk '/Non-2xx/ {print $NF}' "$WORK/$m-reserve.out"); RESERVE_NON2XX[$m]=${RESERVE_NON2XX[$m]:-0}
+  CREATED[$m]=$(( RESERVE_TOTAL[$m] - RESERVE_NON2XX[$m] ))
+  SOLDOUT_OTHER[$m]=$(awk '/^status / && $2 != "409:" {s+=$3} END {print s+0}' "$WORK/$m-soldout-count.out")
+  SOLDOUT_409[$m]=$(awk '/^status 409:/ {print $3}' "$WORK/$m-soldout-count.out")
+  DEPTH_MAX[$m]=$(sort -n "$WORK/$m-depth.txt" | tail -n1); DEPTH_MAX[$m]=${DEPTH_MAX[$m]:-0}
+  DEPTH_LAST[$m]=$(tail -n1 "$WORK/$m-depth.txt"); DEPTH_LAST[$m]=${DEPTH_LAST[$m]:-0}
+  RSS_PEAK[$m]=$(sort -n "$WORK/$m-rss.txt" | tail -n1)
+  POLLS[$m]=$(wc -l < "$WORK/$m-poll.txt"); POLL_MAX[$m]=$(sort -n "$WORK/$m-poll.txt" | tail -n1)
+  CPU[$m]=$(cpu_line "$WORK/$m-cpu.txt" "$(( CREATED[$m] / SECONDS_RESERVE ))")
+}
+
+core_runs embedded
+core_runs services
+
+# The report's part on steps 1-3, both modes.
+core_report() {
+  echo "Each storage mode on a fresh server and store, one after the other, with the same workload; every ratio is to the /healthz of the same mode's run."
+  echo
+  echo "| mode | run | seconds | req/s | ratio to /healthz | p50 ms | p99 ms | p99.9 ms |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+  for m in embedded services; do
+    mh=$(rps "$m-healthz")
+    echo "| $m | GET /healthz (ceiling) | $SECONDS_SHORT | $mh | 1.00 | $(field "$m-healthz" p50_ms) | $(field "$m-healthz" p99_ms) | $(field "$m-healthz" p999_ms) |"
+    echo "| $m | purchase, sold-out sale | $SECONDS_SHORT | $(rps "$m-soldout") | $(ratio "$(rps "$m-soldout")" "$mh") | $(field "$m-soldout" p50_ms) | $(field "$m-soldout" p99_ms) | $(field "$m-soldout" p999_ms) |"
+    echo "| $m | purchase, ample stock (all answers) | $SECONDS_RESERVE | $(rps "$m-reserve") | $(ratio "$(rps "$m-reserve")" "$mh") | $(field "$m-reserve" p50_ms) | $(field "$m-reserve" p99_ms) | $(field "$m-reserve" p999_ms) |"
+  done
+  echo
+  for m in embedded services; do
+    mh=$(rps "$m-healthz"); r201=$(( CREATED[$m] / SECONDS_RESERVE ))
+    echo "### $m"
+    echo
+    echo "- Durable reservations: ${CREATED[$m]} answered 201 in $SECONDS_RESERVE s = **$r201/s** ($(ratio "$r201" "$mh") of /healthz). After a graceful stop the store holds ${STORED[$m]} orders: every 201, plus $(( STORED[$m] - CREATED[$m] )) made for requests wrk abandoned when its time ran out."
+    echo "- CPU during the reservation run, as % of one core (and per durable reservation at the run's 201 rate): ${CPU[$m]}."
+    echo "- Rejection p99 over /healthz p99: $(ratio "$(field "$m-soldout" p99_ms)" "$(field "$m-healthz" p99_ms)")."
+    echo "- Sold-out check run (3 s, 20,000 rotating buyers, $(rps "$m-soldout-count") req/s with wrk's per-request Lua): ${SOLDOUT_409[$m]:-0} answers 409, ${SOLDOUT_OTHER[$m]} others."
+    [ "$m" = services ] && echo "- Order queue depth during the reservation run (sampled every 2 s): max ${DEPTH_MAX[$m]}, last ${DEPTH_LAST[$m]}."
+    echo "- Server resident memory peak: $(( ${RSS_PEAK[$m]:-0} / 1024 )) MiB."
+    echo "- GET /admin/v1/actors polled every second during the reservation run: ${POLLS[$m]} polls, slowest ${POLL_MAX[$m]} s."
+    echo "- Reservation run: ${RESERVE_TOTAL[$m]} answers, ${RESERVE_NON2XX[$m]} of them not 2xx (each request a new buyer, so none should be)."
+    echo
+  done
+  echo "- The sold-out run repeats one buyer's request, so after the first one its token comes from the worker's verified-token cache (\`auth.token_cache_per_worker\`), as for a buyer pressing \"buy\" again; the reservation run gives every request a new token, verified in full."
+}
+
+# BENCH_CORE_ONLY=1: steps 1-3 only, their report on stdout.
+if [ "${BENCH_CORE_ONLY:-0}" = 1 ]; then core_report; exit 0; fi
 
 # 4. The rush, on a fresh server and database, with goose (throttled so it
 # does not starve the server; goose costs ~4x wrk's CPU per request).
-psql -q -h 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS flashsale_bench WITH (FORCE)' >/dev/null
-for q in flashsale.bench.orders flashsale.bench.dead; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
-target/release/flashsale --config load-tests/bench.toml &
-SERVER_PID=$!
-for _ in $(seq 1 200); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
+fresh_services
+start_server
 ( while sleep 0.5; do ps -o rss= -p $SERVER_PID; done ) > "$WORK/rush-rss.txt" &
 RSS_PID=$!
 RUSH_SECONDS=${BENCH_RUSH_SECONDS:-30}
@@ -132,7 +221,7 @@ target/release/flashsale-load --server-config load-tests/bench.toml --scenario r
   --no-reset-metrics --report-file "$WORK/rush.md" > "$WORK/rush.out" 2>&1 || RUSH_RC=$?
 RUSH_RC=${RUSH_RC:-0}
 kill $RSS_PID 2>/dev/null || true
-kill -TERM $SERVER_PID; wait $SERVER_PID || true
+stop_server
 RUSH_RSS=$(sort -n "$WORK/rush-rss.txt" | tail -n1)
 RUSH_RESULT=$(awk '/^invariants hold|FAILED/' "$WORK/rush.out" | tail -n1)
 
@@ -140,11 +229,8 @@ RUSH_RESULT=$(awk '/^invariants hold|FAILED/' "$WORK/rush.out" | tail -n1)
 # benchmark's own config turns them off) and, for the login runs, the login
 # limits off so that every login reaches the password hashers.
 echo "== hostile clients"
-FLASHSALE__LIMITS__PER_IP_PER_SECOND=1000 FLASHSALE__LIMITS__PURCHASES_PER_USER_PER_SECOND=5 \
-FLASHSALE__LIMITS__LOGINS_PER_IP_PER_MINUTE=0 FLASHSALE__LIMITS__LOGINS_PER_USERNAME_PER_MINUTE=0 \
-  target/release/flashsale --config load-tests/bench.toml &
-SERVER_PID=$!
-for _ in $(seq 1 200); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
+start_server FLASHSALE__LIMITS__PER_IP_PER_SECOND=1000 FLASHSALE__LIMITS__PURCHASES_PER_USER_PER_SECOND=5 \
+  FLASHSALE__LIMITS__LOGINS_PER_IP_PER_MINUTE=0 FLASHSALE__LIMITS__LOGINS_PER_USERNAME_PER_MINUTE=0
 HOSTILE_SOLD=$(sale 1 1)
 curl -sf -X POST "$BASE/api/v1/sales/$HOSTILE_SOLD/purchases" -H "Authorization: Bearer $(sed -n 3p "$WORK/few-tokens.txt")" >/dev/null || true
 run_wrk limited-healthz "$SECONDS_SHORT" "$CONNECTIONS" -s load-tests/wrk/latency.lua "$BASE/healthz"
@@ -155,7 +241,7 @@ run_wrk login "$SECONDS_SHORT" 8 -s load-tests/wrk/login.lua "$BASE/api/v1/sessi
 RSS_PID=$!
 run_wrk login-flood "$SECONDS_SHORT" 400 -s load-tests/wrk/login.lua "$BASE/api/v1/sessions"
 kill $RSS_PID 2>/dev/null || true
-kill -TERM $SERVER_PID; wait $SERVER_PID || true
+stop_server
 LOGIN_RSS=$(sort -n "$WORK/login-rss.txt" | tail -n1)
 
 # 6. A big sale on a fresh server and database: BIG_UNITS units, one per
@@ -163,11 +249,8 @@ LOGIN_RSS=$(sort -n "$WORK/login-rss.txt" | tail -n1)
 # Memory is read once the pipeline is idle; then a graceful stop and a
 # start, timed until /readyz answers 200 with every order read back.
 echo "== big sale"
-psql -q -h 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS flashsale_bench WITH (FORCE)' >/dev/null
-for q in flashsale.bench.orders flashsale.bench.dead; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
-target/release/flashsale --config load-tests/bench.toml &
-SERVER_PID=$!
-for _ in $(seq 1 200); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
+fresh_services
+start_server
 BIG=$(sale "$BIG_UNITS" 1)
 sleep 1
 BIG_RSS_BASE=$(ps -o rss= -p $SERVER_PID)
@@ -195,16 +278,14 @@ kill $RSS_PID 2>/dev/null || true
 BIG_RSS_SOLD=$(ps -o rss= -p $SERVER_PID)
 BIG_RSS_PEAK=$(sort -n "$WORK/big-rss.txt" | tail -n1)
 BIG_IN_PLAY=$(curl -sf -H "$ADMIN" "$BASE/admin/v1/actors" | python3 -c "import sys,json; print([a for a in json.load(sys.stdin)['stock_actors'] if a['sale_id']=='$BIG'][0]['orders_in_play'])")
-kill -TERM $SERVER_PID; wait $SERVER_PID || true
+stop_server
 BIG_STORED=$(psql -tA -h 127.0.0.1 -U postgres -d flashsale_bench -c "SELECT COUNT(*) FROM orders WHERE sale_id = '$BIG' AND status = 'reserved'")
 RESTART_START=$(date +%s.%N)
-target/release/flashsale --config load-tests/bench.toml &
-SERVER_PID=$!
-for _ in $(seq 1 3000); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
+start_server
 BIG_RESTART=$(python3 -c "print(f'{$(date +%s.%N) - $RESTART_START:.1f}')")
 sleep 1
 BIG_RSS_RESTART=$(ps -o rss= -p $SERVER_PID)
-kill -TERM $SERVER_PID; wait $SERVER_PID || true
+stop_server
 per_unit() { python3 -c "print(round(($1 - $BIG_RSS_BASE) * 1024 / max($BIG_SOLD, 1)))"; }
 
 # 7. Live updates, on a fresh server with no per-address stream limit (every
@@ -214,11 +295,8 @@ per_unit() { python3 -c "print(round(($1 - $BIG_RSS_BASE) * 1024 / max($BIG_SOLD
 echo "== event streams"
 STREAMS=${BENCH_STREAMS:-10000}
 STREAM_SECONDS=${BENCH_STREAM_SECONDS:-15}
-psql -q -h 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS flashsale_bench WITH (FORCE)' >/dev/null
-for q in flashsale.bench.orders flashsale.bench.dead; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
-FLASHSALE__EVENTS__MAX_STREAMS_PER_IP=0 target/release/flashsale --config load-tests/bench.toml &
-SERVER_PID=$!
-for _ in $(seq 1 200); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
+fresh_services
+start_server FLASHSALE__EVENTS__MAX_STREAMS_PER_IP=0
 LIVE=$(sale 10000000 1)
 sed -n '1,600000p' "$WORK/tokens.txt" > "$WORK/tokens-a.txt"
 sed -n '600001,1200000p' "$WORK/tokens.txt" > "$WORK/tokens-b.txt"
@@ -242,7 +320,7 @@ curl -sf -X PATCH "$BASE/admin/v1/sales/$LIVE" -H "$ADMIN" -H 'content-type: app
 run_wrk live-sellout 5 "$RESERVE_CONNECTIONS" -s load-tests/wrk/reserve.lua "$BASE" -- "/api/v1/sales/$LIVE/purchases" "$WORK/tokens-c.txt"
 sleep 3
 kill -TERM $SSE_PID 2>/dev/null || true; wait $SSE_PID 2>/dev/null || true
-kill -TERM $SERVER_PID; wait $SERVER_PID || true
+stop_server
 live_201() { local t n; t=$(field "$1" requests); n=$(awk '/Non-2xx/ {print $NF}' "$WORK/$1.out" | head -n1); python3 -c "print(round((${t:-0} - ${n:-0}) / $STREAM_SECONDS))"; }
 LIVE_R0=$(live_201 live-without); LIVE_R1=$(live_201 live-with)
 STREAM_SUMMARY=$(python3 -c "
@@ -252,31 +330,8 @@ lag = lambda v: 'n/a' if v is None else f'{v:.2f} s'
 print(f\"{s['saw_sold_out']} of {s['requested']} streams showed the sale sold out (max {lag(s['max_lag_s'])}, median {lag(s['median_lag_s'])} after GET /api/v1/sales/{{id}} first said so); {s['errors']} failed to open; {s['events']} events read in all\")")
 non2xx() { awk '/Non-2xx/ {print $NF}' "$WORK/$1.out"; }
 
-H=$(rps healthz); S=$(rps soldout); R=$(rps reserve)
-R201=$(python3 -c "print(round($CREATED / $SECONDS_RESERVE))")
-ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
-DEPTH_MAX=$(sort -n "$WORK/depth.txt" | tail -n1); DEPTH_MAX=${DEPTH_MAX:-0}
-DEPTH_LAST=$(tail -n1 "$WORK/depth.txt"); DEPTH_LAST=${DEPTH_LAST:-0}
-RSS_PEAK=$(sort -n "$WORK/rss.txt" | tail -n1)
-# Per-process CPU during the busy part of the reservation run, as % of one
-# core and as microseconds per durable reservation.
-CPU_LINE=$(python3 - "$WORK/cpu.txt" "$(getconf CLK_TCK)" "$R201" "$(nproc)" <<'PY'
-import sys
-rows = [list(map(int, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 4]
-tck, rate = int(sys.argv[2]), float(sys.argv[3])
-busy = [[b - a for a, b in zip(r0, r1)] for r0, r1 in zip(rows, rows[1:])]
-busy = [d for d in busy if d[0] > tck]  # server above 50% of a core over 2 s
-if not busy or rate <= 0:
-    print("not sampled")
-else:
-    pct = [100.0 * sum(d[i] for d in busy) / (2 * tck * len(busy)) for i in range(4)]
-    us = [p / 100 * 1e6 / rate for p in pct]
-    names = ["server", "PostgreSQL", "RabbitMQ", "wrk"]
-    parts = ", ".join(f"{n} {p:.0f}% ({u:.0f} µs)" for n, p, u in zip(names, pct, us))
-    print(f"{parts}; {sum(pct):.0f}% of the machine's {100 * int(sys.argv[4])}% in all, {sum(us):.0f} µs of CPU per durable reservation ({len(busy)} busy 2 s intervals)")
-PY
-)
-
+# The later steps run in services mode; their ratios are to its /healthz.
+H=$(rps services-healthz)
 mkdir -p load-tests/reports
 REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
 {
@@ -285,20 +340,8 @@ REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; server and wrk on the same machine."
   echo "Tool: wrk, $THREADS thread(s); $CONNECTIONS connections for /healthz and the sold-out run, $RESERVE_CONNECTIONS for the reservation run; every figure from this one run."
   echo
-  echo "| run | seconds | req/s | ratio to /healthz | p50 ms | p99 ms | p99.9 ms |"
-  echo "| --- | --- | --- | --- | --- | --- | --- |"
-  echo "| GET /healthz (ceiling) | $SECONDS_SHORT | $H | 1.00 | $(field healthz p50_ms) | $(field healthz p99_ms) | $(field healthz p999_ms) |"
-  echo "| purchase, sold-out sale | $SECONDS_SHORT | $S | $(ratio "$S" "$H") | $(field soldout p50_ms) | $(field soldout p99_ms) | $(field soldout p999_ms) |"
-  echo "| purchase, ample stock (all answers) | $SECONDS_RESERVE | $R | $(ratio "$R" "$H") | $(field reserve p50_ms) | $(field reserve p99_ms) | $(field reserve p999_ms) |"
-  echo
-  echo "- Durable reservations: $CREATED answered 201 in $SECONDS_RESERVE s = **$R201/s** ($(ratio "$R201" "$H") of /healthz). After the drain PostgreSQL holds $STORED orders: every 201, plus $(( STORED - CREATED )) made for requests wrk abandoned when its time ran out."
-  echo "- Rejection p99 over /healthz p99: $(ratio "$(field soldout p99_ms)" "$(field healthz p99_ms)")."
-  echo "- The sold-out run repeats one buyer's request, so after the first one its token comes from the worker's verified-token cache (\`auth.token_cache_per_worker\`), as for a buyer pressing \"buy\" again; the reservation run gives every request a new token, verified in full."
-  echo "- Sold-out check run (3 s, 20,000 rotating buyers, $(rps soldout-count) req/s with wrk's per-request Lua): ${SOLDOUT_409:-0} answers 409, $SOLDOUT_OTHER others."
-  echo "- Order queue depth during the reservation run (sampled every 2 s): max $DEPTH_MAX, last $DEPTH_LAST."
-  echo "- CPU during the reservation run, as % of one core (and per durable reservation at the run's 201 rate): $CPU_LINE."
-  echo "- Server resident memory peak: $(( ${RSS_PEAK:-0} / 1024 )) MiB."
-  echo "- GET /admin/v1/actors polled every second during the reservation run: $(wc -l < "$WORK/poll.txt") polls, slowest $(sort -n "$WORK/poll.txt" | tail -n1) s."
+  core_report
+  echo "- The steps below run in services mode."
   echo
   echo "## Hostile clients (shipped rate limits on: 1,000 requests/s per IP, 5 purchases/s per buyer)"
   echo
@@ -337,9 +380,9 @@ REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
   echo "- With the streams open the rate is $(ratio "$LIVE_R1" "$LIVE_R0") of the rate without them (target: within 10%)."
   echo "- Server resident memory: $(( ${STREAM_RSS0:-0} / 1024 )) MiB before the streams, $(( ${STREAM_RSS1:-0} / 1024 )) MiB with them open: **$(python3 -c "print(round((${STREAM_RSS1:-0} - ${STREAM_RSS0:-0}) * 1024 / max(${STREAMS_OPEN:-0}, 1)))") bytes per open stream** (target: 16 KiB); $(( ${STREAM_RSS2:-0} / 1024 )) MiB after the reservation run with them."
   echo "- Sell-out: $STREAM_SUMMARY (target: every stream within 1 s)."
-  echo
-  echo "Reservation run: $RESERVE_TOTAL answers, $RESERVE_NON2XX of them not 2xx (each request a new buyer, so none should be)."
 } > "$REPORT"
 cat "$REPORT"
-[ "$STORED" -ge "$CREATED" ] || { echo "bench: only $STORED orders in PostgreSQL but $CREATED were answered 201" >&2; exit 1; }
+for m in embedded services; do
+  [ "${STORED[$m]}" -ge "${CREATED[$m]}" ] || { echo "bench: $m: only ${STORED[$m]} orders in the store but ${CREATED[$m]} were answered 201" >&2; exit 1; }
+done
 [ "$RUSH_RC" -eq 0 ] || { echo "bench: the rush's invariant check failed" >&2; exit 1; }
