@@ -57,7 +57,7 @@ start_server() {
   for _ in $(seq 1 3000); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.1; done
   curl -sf "$BASE/readyz" >/dev/null || { echo "bench: server not ready" >&2; exit 1; }
 }
-stop_server() { stop_server; }
+stop_server() { kill -TERM $SERVER_PID; wait $SERVER_PID || true; }
 
 BIG_UNITS=${BENCH_BIG_UNITS:-2000000}
 TOKENS=$(( SECONDS_RESERVE * 90000 ))

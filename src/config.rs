@@ -72,6 +72,8 @@ pub struct StorageSettings {
     pub path: std::path::PathBuf,
     pub read_connections: usize,
     pub busy_timeout_ms: u64,
+    pub checkpoint_pages: u32,
+    pub cache_mib: u32,
 }
 
 /// Where the order log and the store live.

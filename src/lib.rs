@@ -28,4 +28,5 @@ pub mod order_log;
 pub mod payments;
 pub mod persistence;
 pub mod startup;
+pub mod state_metrics;
 pub mod telemetry;

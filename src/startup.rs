@@ -24,7 +24,7 @@ use crate::config::{RabbitSettings, Settings, StorageMode};
 use crate::http::json::BodyLimit;
 use crate::http::limits::RateLimits;
 use crate::http::{self, AppState};
-use crate::metrics::{Metrics, StateCollector};
+use crate::metrics::Metrics;
 use crate::order_log::drain::{drain_queue, wait_drained, DrainProgress};
 use crate::order_log::sink::{OrderPublisher, PublisherDeps, RabbitSink, SqliteSink};
 use crate::order_log::writer::{OrderWriter, StopWriter, WriterConfig, WriterStats};
@@ -33,6 +33,7 @@ use crate::persistence::redis::RedisStore;
 use crate::persistence::sqlite::SqliteStore;
 use crate::persistence::store::SharedStore;
 use crate::persistence::{rabbit, Unreachable};
+use crate::state_metrics::StateCollector;
 use prometheus_client::registry::Registry;
 
 /// Why the application could not start.

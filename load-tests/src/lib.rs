@@ -534,6 +534,9 @@ mod tests {
         );
         s.server.port = 0;
         s.server.workers = 2;
+        // The invariant check reads PostgreSQL: the scenarios run against
+        // services mode.
+        s.storage.mode = flashsale::config::StorageMode::Services;
         s.database.url = SecretString::from(format!(
             "postgres://postgres@127.0.0.1:5432/flashsale_test_{id}"
         ));

@@ -61,6 +61,12 @@ async fn main() -> ExitCode {
         eprintln!("flashsale-load: load runs target 127.0.0.1 only, not {host}");
         return ExitCode::from(2);
     }
+    if settings.storage.mode != flashsale::config::StorageMode::Services {
+        eprintln!(
+            "flashsale-load: the invariant check reads PostgreSQL; give a server config in services mode ([storage] mode = \"services\", as load-tests/bench.toml has)"
+        );
+        return ExitCode::from(2);
+    }
     let keys = TokenKeys::new(&settings.auth);
     let tokens: Vec<String> = (0..cli.buyers.max(1))
         .filter_map(|_| keys.issue(uuid::Uuid::new_v4()).ok().map(|(t, _)| t))

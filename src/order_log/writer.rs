@@ -342,12 +342,17 @@ async fn write_messages(
                 stats
                     .last_batch_us
                     .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                for (delivery, _) in messages {
-                    let ack = delivery.ack(BasicAckOptions::default());
+                // One ack for the set: `multiple` acks every delivery of
+                // this channel up to the last one, and every earlier one
+                // has been written or dead-lettered (deliveries are taken
+                // in order); one ack per delivery was one more broker
+                // operation per message.
+                if let Some((last, _)) = messages.iter().max_by_key(|(d, _)| d.delivery_tag) {
+                    let ack = last.ack(BasicAckOptions { multiple: true });
                     match tokio::time::timeout(rabbit::CALL_TIMEOUT, ack).await {
                         Ok(Ok(_)) => {}
-                        // Written but not acked: the broker redelivers it and
-                        // the idempotent apply changes nothing.
+                        // Written but not acked: the broker redelivers them
+                        // and the idempotent apply changes nothing.
                         Ok(Err(e)) => tracing::warn!(error = %e, "ack failed after commit"),
                         Err(_) => tracing::warn!("ack not answered in time after commit"),
                     }

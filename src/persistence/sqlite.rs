@@ -41,9 +41,10 @@ const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/V1__initial.
 pub struct SqliteStore {
     pool: Arc<Pool>,
     path: PathBuf,
-    busy_timeout: Duration,
+    tuning: Tuning,
     /// How long a caller waits for a call: the busy time-out plus a margin.
     deadline: Duration,
+    checkpoint_pages: u32,
 }
 
 /// At most `permits` connections in use; idle ones are kept for the next
@@ -65,8 +66,12 @@ impl SqliteStore {
             std::fs::create_dir_all(dir).map_err(|e| unreachable(&e))?;
         }
         let busy_timeout = Duration::from_millis(settings.busy_timeout_ms);
+        let tuning = Tuning {
+            busy_timeout,
+            cache_kib: settings.cache_mib.saturating_mul(1024),
+        };
         let migrate_path = path.clone();
-        tokio::task::spawn_blocking(move || migrate(&migrate_path, busy_timeout))
+        tokio::task::spawn_blocking(move || migrate(&migrate_path, tuning))
             .await
             .map_err(|e| unreachable(&e))?
             .map_err(|e| unreachable(&e))?;
@@ -77,8 +82,9 @@ impl SqliteStore {
         let store = SqliteStore {
             pool,
             path,
-            busy_timeout,
+            tuning,
             deadline: busy_timeout + Duration::from_secs(1),
+            checkpoint_pages: settings.checkpoint_pages.max(1),
         };
         store.ping().await.map_err(|e| unreachable(&e))?;
         Ok(store)
@@ -115,14 +121,14 @@ impl SqliteStore {
             .acquire_owned()
             .await
             .map_err(|_| StoreError::Unavailable)?;
-        let (pool, path, busy) = (self.pool.clone(), self.path.clone(), self.busy_timeout);
+        let (pool, path, tuning) = (self.pool.clone(), self.path.clone(), self.tuning);
         tokio::task::spawn_blocking(move || {
             let idle = pool.idle.lock().ok().and_then(|mut i| i.pop());
             let mut conn = match idle {
                 Some(c) => c,
                 None => {
                     let c = Connection::open(&path)?;
-                    configure(&c, busy)?;
+                    configure(&c, tuning)?;
                     c
                 }
             };
@@ -141,30 +147,42 @@ impl SqliteStore {
     /// Opens the order log's writer: a connection of its own on a thread of
     /// its own.
     pub async fn open_log(&self) -> Result<SqliteLog, StoreError> {
-        let (path, busy) = (self.path.clone(), self.busy_timeout);
+        let (path, tuning) = (self.path.clone(), self.tuning);
         let conn = tokio::task::spawn_blocking(move || {
             let conn = Connection::open(&path)?;
-            configure(&conn, busy)?;
+            configure(&conn, tuning)?;
             Ok::<_, rusqlite::Error>(conn)
         })
         .await
         .map_err(|e| StoreError::Engine(e.to_string()))?
         .map_err(classify)?;
-        SqliteLog::start(conn)
+        SqliteLog::start(conn, self.checkpoint_pages)
     }
 }
 
-/// Every connection: wait for the write lock up to the busy time-out, and
-/// commit with a full sync (WAL mode is a property of the file, set once).
-fn configure(conn: &Connection, busy_timeout: Duration) -> rusqlite::Result<()> {
-    conn.busy_timeout(busy_timeout)?;
-    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;")
+/// Every connection: wait for the write lock up to the busy time-out, commit
+/// with a full sync (WAL mode is a property of the file, set once), and keep
+/// its page cache.
+fn configure(conn: &Connection, tuning: Tuning) -> rusqlite::Result<()> {
+    conn.busy_timeout(tuning.busy_timeout)?;
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF; PRAGMA cache_size = -{};",
+        tuning.cache_kib
+    ))
+}
+
+/// What every connection is opened with.
+#[derive(Clone, Copy)]
+struct Tuning {
+    busy_timeout: Duration,
+    /// Page cache per connection (`storage.cache_mib`).
+    cache_kib: u32,
 }
 
 /// WAL journal, then the migrations not yet applied, each in a transaction.
-fn migrate(path: &Path, busy_timeout: Duration) -> rusqlite::Result<()> {
+fn migrate(path: &Path, tuning: Tuning) -> rusqlite::Result<()> {
     let mut conn = Connection::open(path)?;
-    configure(&conn, busy_timeout)?;
+    configure(&conn, tuning)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(mode, "SQLite refused the WAL journal");
@@ -595,10 +613,15 @@ pub struct SqliteLog {
 }
 
 impl SqliteLog {
-    fn start(conn: Connection) -> Result<Self, StoreError> {
+    fn start(conn: Connection, checkpoint_pages: u32) -> Result<Self, StoreError> {
         let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(LOG_QUEUE);
         let alive = Arc::new(AtomicBool::new(true));
         let flag = alive.clone();
+        // The committing connection copies the write-ahead log into the
+        // file once it holds `checkpoint_pages` pages: the log stays
+        // bounded, and a page written by many commits is copied once.
+        conn.pragma_update(None, "wal_autocheckpoint", checkpoint_pages)
+            .map_err(classify)?;
         std::thread::Builder::new()
             .name("flashsale-sqlite-log".into())
             .spawn(move || {

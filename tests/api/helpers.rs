@@ -13,7 +13,6 @@ use std::sync::Once;
 use chrono::{DateTime, Duration, Utc};
 use flashsale::config::{Overrides, Settings, StorageMode};
 use flashsale::startup::{Application, ShutdownHandle};
-use rusqlite;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 use uuid::Uuid;
