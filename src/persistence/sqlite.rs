@@ -324,6 +324,31 @@ fn sale_from_row(row: &Row<'_>) -> rusqlite::Result<Sale> {
     })
 }
 
+/// Runs `sql` with a sale's columns as ?1..?13, in the table's order (an
+/// update leaves `created_us`, ?12, unused).
+fn write_sale(c: &Connection, sql: &str, sale: &Sale) -> rusqlite::Result<()> {
+    let s = &sale.spec;
+    c.execute(
+        sql,
+        params![
+            sale.id.as_bytes(),
+            s.name,
+            s.description,
+            s.price_cents,
+            s.currency,
+            s.stock_total,
+            s.per_user_limit,
+            micros(s.starts_at),
+            micros(s.ends_at),
+            s.reservation_ttl_secs,
+            sale.paused,
+            micros(sale.created_at),
+            micros(sale.updated_at),
+        ],
+    )
+    .map(drop)
+}
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     fn engine(&self) -> &'static str {
@@ -364,28 +389,13 @@ impl Store for SqliteStore {
     async fn insert_sale(&self, sale: &Sale) -> Result<(), StoreError> {
         let sale = sale.clone();
         self.call(move |c| {
-            let s = &sale.spec;
-            c.execute(
+            write_sale(
+                c,
                 "INSERT INTO sales (id, name, description, price_cents, currency, stock_total, \
                  per_user_limit, starts_us, ends_us, reservation_ttl_secs, paused, created_us, updated_us) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![
-                    sale.id.as_bytes(),
-                    s.name,
-                    s.description,
-                    s.price_cents,
-                    s.currency,
-                    s.stock_total,
-                    s.per_user_limit,
-                    micros(s.starts_at),
-                    micros(s.ends_at),
-                    s.reservation_ttl_secs,
-                    sale.paused,
-                    micros(sale.created_at),
-                    micros(sale.updated_at),
-                ],
+                &sale,
             )
-            .map(drop)
         })
         .await
     }
@@ -393,27 +403,13 @@ impl Store for SqliteStore {
     async fn update_sale(&self, sale: &Sale) -> Result<(), StoreError> {
         let sale = sale.clone();
         self.call(move |c| {
-            let s = &sale.spec;
-            c.execute(
+            write_sale(
+                c,
                 "UPDATE sales SET name = ?2, description = ?3, price_cents = ?4, currency = ?5, \
                  stock_total = ?6, per_user_limit = ?7, starts_us = ?8, ends_us = ?9, \
-                 reservation_ttl_secs = ?10, paused = ?11, updated_us = ?12 WHERE id = ?1",
-                params![
-                    sale.id.as_bytes(),
-                    s.name,
-                    s.description,
-                    s.price_cents,
-                    s.currency,
-                    s.stock_total,
-                    s.per_user_limit,
-                    micros(s.starts_at),
-                    micros(s.ends_at),
-                    s.reservation_ttl_secs,
-                    sale.paused,
-                    micros(sale.updated_at),
-                ],
+                 reservation_ttl_secs = ?10, paused = ?11, updated_us = ?13 WHERE id = ?1",
+                &sale,
             )
-            .map(drop)
         })
         .await
     }
