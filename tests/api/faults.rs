@@ -1,8 +1,9 @@
 //! The promises under faults the happy-path tests never meet: a restart
 //! whose order log takes longer to drain than any deadline, a broker cut
 //! while payments, cancellations and expiries are in flight, PostgreSQL away
-//! with a reservation in doubt, a stalled database under an admin change, and
-//! SIGTERM with PostgreSQL down.
+//! with a reservation in doubt, a stalled database under an admin change,
+//! SIGTERM with PostgreSQL down, and (embedded mode) the SQLite file locked
+//! by another process mid-load.
 
 use std::time::{Duration, Instant};
 
@@ -12,8 +13,8 @@ use uuid::Uuid;
 
 use crate::helpers::{
     assert_counters_match, assert_sale_invariants, cleanup, db_client, held_order_ids,
-    mint_shopper, spawn_app_with, test_settings, uuid_of, wait_for, wait_for_orders, wait_ready,
-    Probe, ServerProcess, ADMIN_TOKEN,
+    mint_shopper, spawn_app_with, test_settings, test_settings_in, uuid_of, wait_for,
+    wait_for_orders, wait_ready, Mode, Probe, ServerProcess, StoreLock, ADMIN_TOKEN,
 };
 use crate::proxy::TcpProxy;
 
@@ -439,4 +440,89 @@ async fn sigterm_with_postgres_down_exits_within_the_bound_and_loses_nothing() {
     );
     server.kill().await;
     cleanup(&settings).await;
+}
+
+/// Embedded mode's fault: another process holds the SQLite file's write
+/// lock mid-load. Every purchase meanwhile is answered in bounded time with
+/// 503 `unavailable` (never a 500, never a hang), nothing answered 201 is
+/// lost, the reservations whose commit failed are decided once the file
+/// answers (voided, their units back, their buyers free to buy again), and
+/// purchases go on.
+#[actix_web::test]
+async fn a_locked_sqlite_file_answers_503_then_decides_what_was_in_doubt() {
+    let mut settings = test_settings_in(Mode::Embedded);
+    settings.storage.busy_timeout_ms = 300;
+    let app = spawn_app_with(settings).await;
+    let sale = app
+        .create_sale(json!({"stock_total": 1000, "per_user_limit": 1}))
+        .await;
+    let sale_id = uuid_of(&sale["id"]);
+    let client = client();
+    let shoppers: Vec<(Uuid, String)> = (0..60).map(|_| mint_shopper(&app.settings)).collect();
+    let mut answered = Vec::new();
+    for (_, token) in &shoppers[..10] {
+        let (status, body) = buy(&client, &app.address, sale_id, token, None).await;
+        assert_eq!(status, 201, "{body}");
+        answered.push(uuid_of(&body["id"]));
+    }
+
+    let lock = StoreLock::take(&app.settings).await;
+    let started = Instant::now();
+    let during = join_all(
+        shoppers[10..40]
+            .iter()
+            .map(|(_, t)| buy(&client, &app.address, sale_id, t, None)),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answers took {:?}",
+        started.elapsed()
+    );
+    for (status, body) in &during {
+        assert_eq!(*status, 503, "{body}");
+        assert_eq!(body["code"], "unavailable", "{body}");
+    }
+    lock.release().await;
+
+    // Once the file answers, purchases go on; the refused buyers may buy.
+    // A refused buyer holds nothing once its reservation is decided.
+    let (_, first_refused) = &shoppers[10];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = buy(&client, &app.address, sale_id, first_refused, None).await;
+        if status == 201 {
+            answered.push(uuid_of(&body["id"]));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the refused buyer still cannot buy: {status} {body}"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (_, token) in &shoppers[40..] {
+        let (status, body) = buy(&client, &app.address, sale_id, token, None).await;
+        assert_eq!(status, 201, "{body}");
+        answered.push(uuid_of(&body["id"]));
+    }
+    // What was in doubt is decided: the counters equal the file's and the
+    // stock adds up, with every 201 in the file.
+    let view = assert_counters_match(&app, &sale_id.to_string()).await;
+    let probe = Probe::open(&app.settings).await;
+    let stored = held_order_ids(&probe, sale_id).await;
+    for id in &answered {
+        assert!(
+            stored.contains(id),
+            "order {id} answered 201 is not in the file"
+        );
+    }
+    assert_eq!(
+        view["reserved"].as_u64(),
+        Some(stored.len() as u64),
+        "{view}"
+    );
+    let in_doubt = app.actors_status().await["pipeline"]["publisher"]["in_doubt"].as_u64();
+    assert_eq!(in_doubt, Some(0));
+    app.teardown().await;
 }
