@@ -111,7 +111,9 @@ function show(status) {
       actions));
   }
   const p = status.pipeline;
+  const services = p.storage === 'services';
   figures($('pipeline'), [
+    ['Storage', services ? 'services (RabbitMQ, PostgreSQL)' : 'embedded (SQLite)'],
     ['Publisher', p.publisher.connected ? 'connected' : 'down'],
     ['Waiting to publish', p.publisher.queued],
     ['Unconfirmed batches', p.publisher.unconfirmed_batches],
@@ -120,9 +122,12 @@ function show(status) {
     ['Last confirm', `${p.publisher.last_confirm_ms.toFixed(2)} ms`],
     ['In doubt', p.publisher.in_doubt],
     ['Queue depth', p.queue_depth],
-    ['Writers connected', `${p.writers.connected} of ${p.writers.pool_size}`],
-    ['Rows written', p.writers.rows_written],
-    ['Last write', `${p.writers.last_batch_ms.toFixed(2)} ms`],
+    // The writers from RabbitMQ into PostgreSQL exist in services mode only.
+    ...(services ? [
+      ['Writers connected', `${p.writers.connected} of ${p.writers.pool_size}`],
+      ['Rows written', p.writers.rows_written],
+      ['Last write', `${p.writers.last_batch_ms.toFixed(2)} ms`],
+    ] : []),
     ['Dead letters', p.writers.dead_letters],
     ['Retries', p.writers.retries],
     ['Orders kept in memory', p.directory_orders],

@@ -134,6 +134,8 @@ test('an admin creates a sale and pauses it; the shop shows it paused without re
   await eventually('paused on the dashboard', () => row.locator('.status').textContent(), (t) => t === 'paused');
   // An edit sends only what changed (a started sale refuses a new start).
   await dashboard.getByRole('button', { name: `Edit ${name}` }).click();
+  // The form fills itself from the sale once its GET answers: type after that.
+  await eventually('the edit form', () => dashboard.locator('#edit-title').textContent(), (t) => t === `Edit ${name}`);
   await dashboard.getByLabel('Name', { exact: true }).fill(`${name} XL`);
   await dashboard.getByRole('button', { name: 'Save changes' }).click();
   await eventually('the edit saved', () => dashboard.locator('#answer').textContent(), (t) => (t || '').startsWith(`${name} XL saved`));
