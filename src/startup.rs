@@ -188,7 +188,6 @@ impl Application {
         let state = web::Data::new(AppState {
             mode,
             store: store.clone(),
-            redis: storage.redis.clone(),
             registry,
             stock,
             publisher: publisher.clone(),

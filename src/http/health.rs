@@ -84,7 +84,7 @@ impl ReadinessCache {
             return c;
         }
         let redis = async {
-            match &state.redis {
+            match &state.stock.snapshots {
                 Some(r) => Some(check(r.ping()).await),
                 None => None,
             }

@@ -38,15 +38,12 @@ use crate::metrics::{route_label, HttpLabels, Metrics, RouteLabels};
 use crate::order_log::sink::OrderPublisher;
 use crate::order_log::writer::WriterStats;
 use crate::payments::{PaymentProvider, WebhookVerifier};
-use crate::persistence::redis::RedisStore;
 use crate::persistence::store::SharedStore;
 
 /// What every handler may reach. Built once by `Application::build`.
 pub struct AppState {
     pub mode: StorageMode,
     pub store: SharedStore,
-    /// Redis (services mode only), for readiness.
-    pub redis: Option<RedisStore>,
     pub registry: Arc<SaleRegistry>,
     /// What a new stock actor needs (admin create starts one).
     pub stock: StockDeps,

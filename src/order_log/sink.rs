@@ -17,15 +17,15 @@
 //!
 //! Failures never oversell, never acknowledge what is not durable, and never
 //! drop a decision a stock actor has applied:
-//! - *reservations* never handed to the broker (no connection) are
+//! - *reservations* never handed to the sink (it is not open) are
 //!   `released` at once: nobody was told yes, the units go back;
 //! - *transitions* (payments, cancellations, expiries) are decisions already
 //!   applied by their actor: they are never released. With any reservation
 //!   whose publish or confirm failed, they are `in_doubt` and go to the
-//!   [`resolve`] task, which decides them in PostgreSQL beside publishing
-//!   (one statement per batch, with backoff while PostgreSQL is away):
+//!   [`resolve`] task, which decides them in the store beside publishing
+//!   (one statement per batch, with backoff while the store is away):
 //!   a transition is written there directly (the upsert is idempotent and
-//!   order-independent, see `order_log`); a reservation PostgreSQL has
+//!   order-independent, see `order_log`); a reservation the store has
 //!   stands, and one it lacks is voided (so no late copy can land) and its
 //!   units released. At shutdown what is still in doubt gets one more try.
 
@@ -56,7 +56,7 @@ use crate::persistence::store::SharedStore;
 #[derive(Debug, Default, Message)]
 #[rtype(result = "()")]
 pub struct Settled {
-    /// Durable: in RabbitMQ (confirmed) or found in PostgreSQL.
+    /// Durable: confirmed by the sink, or found in the store.
     pub confirmed: Vec<Uuid>,
     /// Publish failed with the outcome unknown; decided later (for a
     /// transition: made durable later).
@@ -82,7 +82,7 @@ pub struct PublishRequest {
 pub enum PublishRefused {
     /// Too many entries wait already: shed load.
     Full,
-    /// No broker connection, or shutting down.
+    /// The order log is not open, or shutting down.
     Down,
 }
 
@@ -138,7 +138,7 @@ pub struct PublisherDeps {
 }
 
 impl OrderPublisher {
-    /// Starts the publisher task on `arbiter` (its broker connection lives
+    /// Starts the publisher task on `arbiter` (its sink's link lives
     /// there too). The returned receiver resolves when the publisher has
     /// stopped (after [`Self::shutdown`]).
     pub fn start<S: Sink>(
@@ -628,7 +628,7 @@ async fn publish<S: Sink>(
     }
 }
 
-/// Empties the channel of entries that were never handed to the broker:
+/// Empties the channel of entries that were never handed to the sink:
 /// reservations are released (nobody was told yes); transitions, decisions
 /// their actors already applied, go to the resolver.
 fn release_queued(
@@ -657,9 +657,9 @@ fn release_queued(
 /// Entries one statement decides, at most.
 const DECIDE_BATCH: usize = 4096;
 
-/// Decides entries in doubt in PostgreSQL, beside publishing: the publish
-/// loop never waits for the database. Waits while nothing is in doubt;
-/// backs off while PostgreSQL is away.
+/// Decides entries in doubt in the store, beside publishing: the publish
+/// loop never waits for it. Waits while nothing is in doubt; backs off
+/// while the store is away.
 async fn resolve(doubtful: Doubtful, deps: Rc<PublisherDeps>, stats: Arc<PublisherStats>) {
     let initial = Duration::from_millis(deps.orders.retry_initial_ms.max(1));
     let mut backoff = initial;
@@ -669,8 +669,8 @@ async fn resolve(doubtful: Doubtful, deps: Rc<PublisherDeps>, stats: Arc<Publish
             continue;
         }
         // A reservation whose confirm was lost may still be on its way into
-        // PostgreSQL: give the writers a moment (bounded) to put it there,
-        // so that it stands rather than being voided. Voiding would be safe
+        // the store (services mode): give the writers a moment (bounded) to
+        // put it there, so that it stands rather than being voided. Voiding would be safe
         // too: its buyer was told 503, and the void row stops a late copy.
         wait_writers_idle(&deps.writers, &stats, Duration::from_secs(2)).await;
         match decide(&doubtful, &deps, &stats).await {
@@ -699,7 +699,7 @@ async fn wait_writers_idle(writers: &WriterStats, stats: &PublisherStats, within
 
 /// Decides one batch of entries in doubt with one statement each for the
 /// transitions and the reservations. `Err` (entries put back) when
-/// PostgreSQL did not answer.
+/// the store did not answer.
 async fn decide(
     doubtful: &Doubtful,
     deps: &PublisherDeps,
@@ -717,7 +717,7 @@ async fn decide(
             Ok(()) => {
                 tracing::info!(
                     entries = transitions.len(),
-                    "in-doubt transitions written to PostgreSQL"
+                    "in-doubt transitions written to the store"
                 );
                 stats
                     .in_doubt
