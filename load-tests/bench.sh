@@ -59,6 +59,12 @@ start_server() {
 }
 stop_server() { kill -TERM $SERVER_PID; wait $SERVER_PID || true; }
 
+# BENCH_MODES: the storage modes of steps 1-3 (default both); only with
+# BENCH_CORE_ONLY=1 may it name one.
+MODES=${BENCH_MODES:-embedded services}
+if [ "${BENCH_CORE_ONLY:-0}" != 1 ] && [ "$MODES" != "embedded services" ]; then
+  echo "bench: the full report needs both storage modes; BENCH_MODES goes with BENCH_CORE_ONLY=1" >&2; exit 1
+fi
 BIG_UNITS=${BENCH_BIG_UNITS:-2000000}
 TOKENS=$(( SECONDS_RESERVE * 90000 ))
 [ "$TOKENS" -ge "$BIG_UNITS" ] || TOKENS=$BIG_UNITS
@@ -100,11 +106,31 @@ else:
 PY
 }
 
+# Mean entries per order-log batch and mean time to its confirm, from a
+# scrape of /metrics.
+pipeline_line() { # metrics-file
+  python3 - "$1" <<'PY'
+import sys
+v = {}
+for line in open(sys.argv[1]):
+    if line.startswith("flashsale_order_log_") and " " in line:
+        name, value = line.rsplit(" ", 1)
+        v[name] = float(value)
+b = v.get("flashsale_order_log_batch_size_count", 0)
+if not b:
+    print("no batch")
+else:
+    size = v["flashsale_order_log_batch_size_sum"] / b
+    conf = 1000 * v.get("flashsale_order_log_confirm_seconds_sum", 0) / max(v.get("flashsale_order_log_confirm_seconds_count", 0), 1)
+    print(f"{int(b)} batches of {size:.1f} entries on average, {conf:.2f} ms on average from append to confirm")
+PY
+}
+
 # 1-3 in one storage mode, on a fresh server and store: /healthz, the
 # sold-out storm, durable reservations (with the samplers), then a graceful
 # stop and the count of what the store holds. Results in $WORK/MODE-*.out
 # and the arrays below, keyed by mode.
-declare -A STORED CREATED DEPTH_MAX DEPTH_LAST RSS_PEAK CPU POLLS POLL_MAX SOLDOUT_409 SOLDOUT_OTHER RESERVE_TOTAL RESERVE_NON2XX
+declare -A PIPELINE STORED CREATED DEPTH_MAX DEPTH_LAST RSS_PEAK CPU POLLS POLL_MAX SOLDOUT_409 SOLDOUT_OTHER RESERVE_TOTAL RESERVE_NON2XX
 core_runs() { # embedded | services
   local m=$1
   if [ "$m" = services ]; then
@@ -151,6 +177,10 @@ core_runs() { # embedded | services
   # minus non-2xx answers and checked against the store below.
   run_wrk "$m-reserve" "$SECONDS_RESERVE" "$RESERVE_CONNECTIONS" -s load-tests/wrk/reserve.lua "$BASE" -- "/api/v1/sales/$ample/purchases" "$WORK/tokens.txt"
   kill "${pids[@]}" 2>/dev/null || true
+  # The order log's batches and confirms over the server's life (the
+  # reservation run is nearly all of it).
+  curl -sf "$BASE/metrics" > "$WORK/$m-metrics.txt" || true
+  PIPELINE[$m]=$(pipeline_line "$WORK/$m-metrics.txt")
   # A graceful stop (services: the writers drain the log); then the store
   # must hold every 201.
   stop_server
@@ -171,8 +201,7 @@ core_runs() { # embedded | services
   CPU[$m]=$(cpu_line "$WORK/$m-cpu.txt" "$(( CREATED[$m] / SECONDS_RESERVE ))")
 }
 
-core_runs embedded
-core_runs services
+for m in $MODES; do core_runs "$m"; done
 
 # The report's part on steps 1-3, both modes.
 core_report() {
@@ -180,19 +209,20 @@ core_report() {
   echo
   echo "| mode | run | seconds | req/s | ratio to /healthz | p50 ms | p99 ms | p99.9 ms |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
-  for m in embedded services; do
+  for m in $MODES; do
     mh=$(rps "$m-healthz")
     echo "| $m | GET /healthz (ceiling) | $SECONDS_SHORT | $mh | 1.00 | $(field "$m-healthz" p50_ms) | $(field "$m-healthz" p99_ms) | $(field "$m-healthz" p999_ms) |"
     echo "| $m | purchase, sold-out sale | $SECONDS_SHORT | $(rps "$m-soldout") | $(ratio "$(rps "$m-soldout")" "$mh") | $(field "$m-soldout" p50_ms) | $(field "$m-soldout" p99_ms) | $(field "$m-soldout" p999_ms) |"
     echo "| $m | purchase, ample stock (all answers) | $SECONDS_RESERVE | $(rps "$m-reserve") | $(ratio "$(rps "$m-reserve")" "$mh") | $(field "$m-reserve" p50_ms) | $(field "$m-reserve" p99_ms) | $(field "$m-reserve" p999_ms) |"
   done
   echo
-  for m in embedded services; do
+  for m in $MODES; do
     mh=$(rps "$m-healthz"); r201=$(( CREATED[$m] / SECONDS_RESERVE ))
     echo "### $m"
     echo
     echo "- Durable reservations: ${CREATED[$m]} answered 201 in $SECONDS_RESERVE s = **$r201/s** ($(ratio "$r201" "$mh") of /healthz). After a graceful stop the store holds ${STORED[$m]} orders: every 201, plus $(( STORED[$m] - CREATED[$m] )) made for requests wrk abandoned when its time ran out."
     echo "- CPU during the reservation run, as % of one core (and per durable reservation at the run's 201 rate): ${CPU[$m]}."
+    echo "- Order log: ${PIPELINE[$m]}."
     echo "- Rejection p99 over /healthz p99: $(ratio "$(field "$m-soldout" p99_ms)" "$(field "$m-healthz" p99_ms)")."
     echo "- Sold-out check run (3 s, 20,000 rotating buyers, $(rps "$m-soldout-count") req/s with wrk's per-request Lua): ${SOLDOUT_409[$m]:-0} answers 409, ${SOLDOUT_OTHER[$m]} others."
     [ "$m" = services ] && echo "- Order queue depth during the reservation run (sampled every 2 s): max ${DEPTH_MAX[$m]}, last ${DEPTH_LAST[$m]}."

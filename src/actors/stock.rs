@@ -156,8 +156,9 @@ pub struct StockActor {
     registry: Arc<SaleRegistry>,
     publisher: OrderPublisher,
     store: SharedStore,
-    /// Where snapshots go (services mode); `None`: no snapshots.
-    snapshots: Option<RedisStore>,
+    /// Where snapshots go (services mode) and the sale's key there, made
+    /// once; `None`: no snapshots.
+    snapshots: Option<(RedisStore, Arc<str>)>,
     snapshot_interval: Duration,
     expiry_tick: Duration,
     breakers: Arc<crate::breaker::Breakers>,
@@ -220,6 +221,11 @@ impl StockActor {
         open: bool,
     ) -> Addr<StockActor> {
         let owned = deps.clone();
+        let sale_id = book.sale().id;
+        let snapshots = owned.snapshots.map(|redis| {
+            let key = redis.key(&format!("sale:{sale_id}"));
+            (redis, Arc::from(key))
+        });
         StockActor::start_in_arbiter(&deps.arbiter, move |ctx| {
             ctx.set_mailbox_capacity(owned.mailbox_capacity);
             StockActor {
@@ -228,7 +234,7 @@ impl StockActor {
                 registry: owned.registry,
                 publisher: owned.publisher,
                 store: owned.store,
-                snapshots: owned.snapshots,
+                snapshots,
                 snapshot_interval: owned.snapshot_interval,
                 expiry_tick: owned.expiry_tick,
                 breakers: owned.breakers,
@@ -377,7 +383,7 @@ impl StockActor {
         }
         // No snapshots in this mode; or Redis down: snapshots pause (the
         // breaker lets one through now and then). Purchases never wait.
-        let Some(redis) = self.snapshots.clone() else {
+        let Some((redis, key)) = self.snapshots.clone() else {
             return;
         };
         if !self.breakers.redis.allow() {
@@ -400,33 +406,28 @@ impl StockActor {
             ("version", version.to_string()),
             ("updated_at", now.to_rfc3339()),
         ];
-        let key = redis.key(&format!("sale:{}", self.book.sale().id));
         ctx.spawn(
-            async move {
-                let refs: Vec<(&str, String)> =
-                    fields.iter().map(|(k, v)| (*k, v.clone())).collect();
-                redis.write_hash(&key, &refs).await
-            }
-            .into_actor(self)
-            .map(move |res, act, _| {
-                act.snapshot_in_flight = false;
-                match res {
-                    Ok(()) => {
-                        act.breakers.redis.record_success();
-                        act.shared
-                            .snapshot_version
-                            .store(version, Ordering::Relaxed);
-                        act.shared
-                            .snapshot_at_ms
-                            .store(now.timestamp_millis(), Ordering::Relaxed);
+            async move { redis.write_hash(&key, &fields).await }
+                .into_actor(self)
+                .map(move |res, act, _| {
+                    act.snapshot_in_flight = false;
+                    match res {
+                        Ok(()) => {
+                            act.breakers.redis.record_success();
+                            act.shared
+                                .snapshot_version
+                                .store(version, Ordering::Relaxed);
+                            act.shared
+                                .snapshot_at_ms
+                                .store(now.timestamp_millis(), Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            act.breakers.redis.record_failure(&e);
+                            act.shared.snapshot_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(error = %e, "redis snapshot failed");
+                        }
                     }
-                    Err(e) => {
-                        act.breakers.redis.record_failure(&e);
-                        act.shared.snapshot_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(error = %e, "redis snapshot failed");
-                    }
-                }
-            }),
+                }),
         );
     }
 }

@@ -142,8 +142,37 @@ mod tests {
         ]
     }
 
-    /// The bytes of version 2, pinned: a change here breaks every message
-    /// waiting in a queue across an upgrade, so it must be a new version.
+    /// The bytes of version 3, pinned field by field: a change here breaks
+    /// every message waiting in a queue across an upgrade, so it must be a
+    /// new version.
+    const GOLDEN_V3: &str = concat!(
+        "00465303", // head: NUL, "FS", version 3
+        "02000000", // two entries
+        // the reservation: op, status, optional fields (key)
+        "000004",
+        "0192f0c4000070008000000000000001", // id
+        "0192f0c40000700080000000000000aa", // sale
+        "5f0c7f4e111142228333444455556666", // user
+        "02000000",                         // qty
+        "406a538ada600600",                 // created_us 1795341600123456
+        "40b016aeda600600",                 // expires_us 1795342200123456
+        "6432000000000000",                 // price 12900
+        "0300455552",                       // "EUR"
+        "070070726573732d31",               // key "press-1"
+        // the payment: op, status, optional fields (paid time)
+        "010101",
+        "0192f0c4000070008000000000000001",
+        "0192f0c40000700080000000000000aa",
+        "5f0c7f4e111142228333444455556666",
+        "02000000",
+        "406a538ada600600",
+        "40b016aeda600600",
+        "000fe58dda600600", // paid_us 1795341660000000
+        "6432000000000000",
+        "0300455552",
+    );
+
+    /// A message as version 2 wrote it (JSON, short field names).
     const GOLDEN_V2: &str = concat!(
         r#"{"v":2,"entries":["#,
         r#"{"op":"reserve","order":{"id":"0192f0c4-0000-7000-8000-000000000001","sale":"0192f0c4-0000-7000-8000-0000000000aa","user":"5f0c7f4e-1111-4222-8333-444455556666","qty":2,"status":"reserved","created_us":1795341600123456,"expires_us":1795342200123456,"paid_us":null,"closed_us":null,"key":"press-1","price":12900,"cur":"EUR"}},"#,
@@ -160,13 +189,47 @@ mod tests {
     );
 
     #[test]
-    fn writes_the_pinned_bytes_of_version_2() {
+    fn writes_the_pinned_bytes_of_version_3() {
         let entries = entries();
         let refs: Vec<&LogEntry> = entries.iter().collect();
         let bytes = encode(&refs);
-        assert_eq!(String::from_utf8_lossy(&bytes), GOLDEN_V2);
+        assert_eq!(hex::encode(&bytes), GOLDEN_V3);
         let back = decode(&bytes).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back.entries, entries);
+    }
+
+    #[test]
+    fn reads_messages_of_version_2() {
+        let msg = decode(GOLDEN_V2.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(msg.entries, entries());
+    }
+
+    #[test]
+    fn refuses_version_3_messages_that_do_not_add_up() {
+        let golden = hex::decode(GOLDEN_V3).unwrap_or_else(|e| panic!("{e}"));
+        let malformed = |bytes: &[u8]| matches!(decode(bytes), Err(ApplyError::Malformed(_)));
+        let with = |at: usize, byte: u8| {
+            let mut b = golden.clone();
+            b[at] = byte;
+            b
+        };
+        // Cut anywhere, or with a byte too many.
+        for end in 4..golden.len() {
+            assert!(malformed(&golden[..end]), "cut at {end}");
+        }
+        assert!(malformed(&[golden.as_slice(), &[0]].concat()));
+        // A count the bytes cannot hold, an unknown op, status or flag.
+        assert!(malformed(&with(4, 0xff)));
+        assert!(malformed(&with(4, 1)));
+        assert!(malformed(&with(8, 2)));
+        assert!(malformed(&with(9, 4)));
+        assert!(malformed(&with(10, 0x0c)));
+        // A created time out of range (its top byte); a key that is not
+        // UTF-8 (its first byte).
+        assert!(malformed(&with(70, 0x7f)));
+        assert!(malformed(&with(94, 0xff)));
+        // The same bytes with sane values still read.
+        assert!(!malformed(&with(94, b'q')));
     }
 
     #[test]

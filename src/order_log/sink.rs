@@ -2,12 +2,17 @@
 //!
 //! Stock actors hand entries over a bounded channel (`try_publish`: a full
 //! channel is an explicit "overloaded", never a wait). One task collects
-//! them into batches (up to `orders.batch_max_orders`, waiting at most
+//! them into batches and appends each to the sink, with at most
+//! `orders.max_unconfirmed_batches` in flight. A batch is formed only once
+//! it has a place in flight, so while every place waits for its confirm the
+//! entries pile up and the next batch takes them all (up to
+//! `orders.batch_max_orders`, after waiting at most
 //! `orders.batch_max_delay_us` for more while earlier batches are still
-//! unconfirmed), appends each batch to the sink, and keeps up to
-//! `orders.max_unconfirmed_batches` in flight. When a batch's confirm
-//! arrives, every sale in it is told with one [`Settled`] message; that is
-//! when shoppers get their 201.
+//! unconfirmed): batches grow with the backlog, and the sink sees fewer,
+//! larger appends when it is busiest. When a batch's confirm arrives, every
+//! sale in it is told with one [`Settled`] message; that is when shoppers
+//! get their 201. The sink's backlog (RabbitMQ's queue depth, for admission
+//! control) is sampled by a task of its own, never by the publish loop.
 //!
 //! The sink is the storage mode's: [`RabbitSink`] publishes a batch as one
 //! persistent message on a channel in confirm mode (services);
@@ -233,7 +238,7 @@ pub trait Sink: Send + 'static {
     /// Whether a confirmed batch is already in the store ([`Settled::stored`]).
     fn confirms_into_store(&self) -> bool;
 
-    async fn close(&self, link: Self::Link);
+    async fn close(&self, link: &Self::Link);
 }
 
 /// Services mode: one persistent message per batch on a confirm-mode
@@ -289,7 +294,7 @@ impl Sink for RabbitSink {
                 &payload,
                 BasicProperties::default()
                     .with_delivery_mode(2)
-                    .with_content_type("application/json".into()),
+                    .with_content_type("application/octet-stream".into()),
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -306,7 +311,7 @@ impl Sink for RabbitSink {
         false
     }
 
-    async fn close(&self, link: RabbitLink) {
+    async fn close(&self, link: &RabbitLink) {
         rabbit::close(&link.conn, "closing").await;
     }
 }
@@ -354,7 +359,7 @@ impl Sink for SqliteSink {
         true
     }
 
-    async fn close(&self, _: SqliteLog) {}
+    async fn close(&self, _: &SqliteLog) {}
 }
 
 /// Tells each sale in `reqs` its outcome, one message per sale.
@@ -428,25 +433,34 @@ async fn run<S: Sink>(
     stats: Arc<PublisherStats>,
 ) {
     let deps = Rc::new(deps);
+    let sink = Rc::new(sink);
     let cfg = &deps.orders;
     let max_batches = cfg.max_unconfirmed_batches;
     let permits = Arc::new(Semaphore::new(max_batches));
     let doubtful = Doubtful::default();
     let resolver = actix::spawn(resolve(doubtful.clone(), deps.clone(), stats.clone()));
-    let mut link: Option<S::Link> = None;
+    // The open link, shared with the backlog probe (same thread).
+    let shared_link: Rc<RefCell<Option<Rc<S::Link>>>> = Rc::default();
+    let probe = actix::spawn(probe_backlog(
+        sink.clone(),
+        shared_link.clone(),
+        stats.clone(),
+    ));
+    let mut link: Option<Rc<S::Link>> = None;
     let initial_backoff = Duration::from_millis(cfg.reconnect_initial_ms.max(1));
     let mut backoff = initial_backoff;
     let max_delay = Duration::from_micros(cfg.batch_max_delay_us);
-    let mut depth_sampled = Instant::now() - Duration::from_secs(10);
     let breaker = sink.breaker()(&deps.breakers);
+    let look_around = Duration::from_millis(250);
 
     loop {
         let stopping = *stop.borrow();
         let stalled = stats.stalled.swap(false, Ordering::AcqRel);
         if stalled || link.as_ref().is_none_or(|l| !sink.is_open(l)) {
             stats.connected.store(false, Ordering::Release);
+            shared_link.borrow_mut().take();
             if let Some(old) = link.take() {
-                sink.close(old).await;
+                sink.close(&old).await;
             }
             if stopping {
                 break;
@@ -455,6 +469,8 @@ async fn run<S: Sink>(
                 Ok(l) => {
                     tracing::info!(sink = sink.name(), "order log open");
                     breaker.record_success();
+                    let l = Rc::new(l);
+                    *shared_link.borrow_mut() = Some(l.clone());
                     link = Some(l);
                     backoff = initial_backoff;
                     stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -475,36 +491,36 @@ async fn run<S: Sink>(
                 }
             }
         }
-        let Some(current) = link.as_ref() else {
+        let Some(current) = link.clone() else {
             continue;
         };
-        if depth_sampled.elapsed() >= Duration::from_secs(1) {
-            depth_sampled = Instant::now();
-            match sink.backlog(current).await {
-                Ok(d) => stats.queue_depth.store(d, Ordering::Relaxed),
-                Err(e) => {
-                    tracing::warn!(error = %e, "order log backlog unknown; opening the link again");
-                    stats.set_error(&e);
-                    link = None;
-                    continue;
-                }
-            }
-        }
 
+        // A place in flight first: while every place waits for its confirm,
+        // entries pile up in the channel, and the next batch takes them all.
+        // So batches grow with the backlog, and the sink sees fewer, larger
+        // appends exactly when it is busiest.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = tokio::time::sleep(look_around) => continue,
+        };
         // Wait for the first entry of a batch (or a reason to look around).
         let first = tokio::select! {
             r = rx.recv() => r,
             _ = stop.changed(), if !stopping => continue,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+            _ = tokio::time::sleep(look_around) => {
                 if stopping && rx.is_empty() { break; }
                 continue;
             }
         };
         let Some(first) = first else { break };
         let mut batch = vec![first];
-        // Group commit: wait for more only while earlier batches are in flight.
-        let wait = permits.available_permits() < max_batches && !max_delay.is_zero();
-        if wait {
+        // Group commit: while other batches are in flight, give this one a
+        // moment to fill (this batch holds one of the places).
+        let others_in_flight = permits.available_permits() + 1 < max_batches;
+        if others_in_flight && !max_delay.is_zero() {
             // Sleep without polling the channel: senders then do not wake
             // this task once per entry, and the batch fills meanwhile.
             tokio::time::sleep(max_delay).await;
@@ -516,7 +532,7 @@ async fn run<S: Sink>(
             }
         }
 
-        if publish(&sink, batch, current, &deps, &stats, &permits, &doubtful)
+        if publish(&*sink, batch, &current, &deps, &stats, permit, &doubtful)
             .await
             .is_err()
         {
@@ -525,6 +541,7 @@ async fn run<S: Sink>(
     }
 
     // Shutting down: every batch in flight gets its confirm (or is in doubt).
+    probe.abort();
     let _ = permits.acquire_many(max_batches as u32).await;
     release_queued(&mut rx, &stats, &doubtful);
     resolver.abort();
@@ -542,25 +559,49 @@ async fn run<S: Sink>(
         );
     }
     stats.connected.store(false, Ordering::Release);
+    shared_link.borrow_mut().take();
     if let Some(l) = link {
-        sink.close(l).await;
+        sink.close(&l).await;
     }
 }
 
-/// Appends one batch to the sink and spawns the wait for its confirm
-/// (bounded by the permits). `Err` when the link failed.
+/// Samples the sink's backlog about once a second for admission control
+/// and the resolver, beside the publish loop: the loop never waits for the
+/// broker's answer. A probe that fails marks the link stalled, and the
+/// loop opens it again.
+async fn probe_backlog<S: Sink>(
+    sink: Rc<S>,
+    link: Rc<RefCell<Option<Rc<S::Link>>>>,
+    stats: Arc<PublisherStats>,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(current) = link.borrow().clone() else {
+            continue;
+        };
+        match sink.backlog(&current).await {
+            Ok(d) => stats.queue_depth.store(d, Ordering::Relaxed),
+            Err(e) => {
+                tracing::warn!(error = %e, "order log backlog unknown; opening the link again");
+                stats.set_error(&e);
+                stats.stalled.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Appends one batch to the sink and spawns the wait for its confirm,
+/// which holds `permit` (one of `orders.max_unconfirmed_batches`) until
+/// then. `Err` when the link failed.
 async fn publish<S: Sink>(
     sink: &S,
     batch: Vec<PublishRequest>,
     link: &S::Link,
     deps: &PublisherDeps,
     stats: &Arc<PublisherStats>,
-    permits: &Arc<Semaphore>,
+    permit: tokio::sync::OwnedSemaphorePermit,
     doubtful: &Doubtful,
 ) -> Result<(), ()> {
-    let Ok(permit) = permits.clone().acquire_owned().await else {
-        return Err(());
-    };
     stats.unconfirmed_batches.fetch_add(1, Ordering::Relaxed);
     deps.metrics.batch_size.observe(batch.len() as f64);
     let entries: Vec<&LogEntry> = batch.iter().map(|r| &r.entry).collect();
@@ -762,5 +803,193 @@ async fn decide(
             doubtful.put_back(reservations);
             Err(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use actix::prelude::*;
+    use chrono::Utc;
+    use tokio::sync::Semaphore;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::config::{Overrides, Settings, StorageMode};
+    use crate::domain::order::{Order, OrderStatus};
+
+    /// A sink that records the size of every batch appended and confirms
+    /// each only when the test opens its gate.
+    struct GatedSink {
+        sizes: Arc<Mutex<Vec<usize>>>,
+        gate: Arc<Semaphore>,
+    }
+
+    impl Sink for GatedSink {
+        type Link = ();
+
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+
+        fn breaker(&self) -> fn(&Breakers) -> &CircuitBreaker {
+            |b| &b.sqlite
+        }
+
+        async fn open(&self) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn is_open(&self, _: &()) -> bool {
+            true
+        }
+
+        async fn backlog(&self, _: &()) -> Result<u32, String> {
+            Ok(0)
+        }
+
+        async fn append(&self, _: &(), entries: &[&LogEntry]) -> Result<Confirm, String> {
+            if let Ok(mut sizes) = self.sizes.lock() {
+                sizes.push(entries.len());
+            }
+            let gate = self.gate.clone();
+            Ok(Box::pin(async move {
+                gate.acquire()
+                    .await
+                    .map(|p| p.forget())
+                    .map_err(|e| e.to_string())
+            }))
+        }
+
+        fn confirms_into_store(&self) -> bool {
+            true
+        }
+
+        async fn close(&self, _: &()) {}
+    }
+
+    /// Collects what the publisher confirms, as a stock actor would.
+    struct Told(Arc<Mutex<Vec<Uuid>>>);
+
+    impl Actor for Told {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Settled> for Told {
+        type Result = ();
+
+        fn handle(&mut self, msg: Settled, _: &mut Self::Context) {
+            if let Ok(mut told) = self.0.lock() {
+                told.extend(msg.confirmed);
+            }
+        }
+    }
+
+    fn reservation(sale_id: Uuid) -> LogEntry {
+        let now = Utc::now();
+        LogEntry::Reserve {
+            order: Order {
+                id: Uuid::now_v7(),
+                sale_id,
+                user_id: Uuid::new_v4(),
+                quantity: 1,
+                status: OrderStatus::Reserved,
+                created_at: now,
+                expires_at: now,
+                paid_at: None,
+                closed_at: None,
+                idempotency_key: None,
+                price_cents: 100,
+                currency: "USD".into(),
+            },
+        }
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[actix_web::test]
+    async fn a_batch_formed_while_the_sink_is_busy_takes_every_entry_that_waited() {
+        let mut settings = Settings::load_without_env(None, &Overrides::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        settings.orders.max_unconfirmed_batches = 1;
+        settings.orders.batch_max_delay_us = 0;
+        let dir = std::env::temp_dir().join(format!("flashsale-sink-{}", Uuid::new_v4()));
+        settings.storage.path = dir.join("store.db");
+        let store = SqliteStore::open(&settings.storage)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let deps = PublisherDeps {
+            orders: settings.orders.clone(),
+            store: Arc::new(store),
+            writers: Arc::default(),
+            metrics: crate::metrics::Metrics::register(&mut Default::default()),
+            breakers: Arc::new(Breakers::new(
+                5,
+                Duration::from_secs(1),
+                StorageMode::Embedded,
+            )),
+        };
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Semaphore::new(0));
+        let sink = GatedSink {
+            sizes: sizes.clone(),
+            gate: gate.clone(),
+        };
+        let (publisher, _stopped) = OrderPublisher::start(&actix::Arbiter::current(), sink, deps);
+        until("the publisher to open its sink", || publisher.is_up()).await;
+
+        let told = Arc::new(Mutex::new(Vec::new()));
+        // The publisher holds the actor weakly, as it does a stock actor.
+        let teller = Told(told.clone()).start();
+        let notify = Arc::new(teller.downgrade().recipient());
+        let sale_id = Uuid::now_v7();
+        let publish = || {
+            publisher
+                .try_publish(PublishRequest {
+                    entry: reservation(sale_id),
+                    sale_id,
+                    notify: notify.clone(),
+                })
+                .unwrap_or_else(|e| panic!("{e:?}"));
+        };
+        let appended = || sizes.lock().map(|s| s.clone()).unwrap_or_default();
+
+        // One batch in flight takes the one place.
+        publish();
+        until("the first batch", || appended() == vec![1]).await;
+        // What arrives meanwhile, in two waves, waits for the place rather
+        // than forming batches of its own behind it.
+        for _ in 0..2 {
+            for _ in 0..20 {
+                publish();
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(
+            appended(),
+            vec![1],
+            "nothing more is appended while the place is taken"
+        );
+        // The first confirm frees the place: the next batch takes all 40.
+        gate.add_permits(1);
+        until("the second batch", || appended().len() == 2).await;
+        assert_eq!(appended(), vec![1, 40]);
+        gate.add_permits(1);
+        until("every entry confirmed", || {
+            told.lock().map(|t| t.len()).unwrap_or(0) == 41
+        })
+        .await;
+        publisher.shutdown();
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
