@@ -63,3 +63,25 @@ pub struct Order {
     /// The currency of `price_cents` (ISO 4217).
     pub currency: String,
 }
+
+#[cfg(test)]
+impl Order {
+    /// A reservation of one unit made at `at` (and due at once), for tests
+    /// that need an order and care only about who and which sale.
+    pub fn test_reservation(id: Uuid, sale_id: Uuid, user_id: Uuid, at: DateTime<Utc>) -> Order {
+        Order {
+            id,
+            sale_id,
+            user_id,
+            quantity: 1,
+            status: OrderStatus::Reserved,
+            created_at: at,
+            expires_at: at,
+            paid_at: None,
+            closed_at: None,
+            idempotency_key: None,
+            price_cents: 100,
+            currency: "EUR".into(),
+        }
+    }
+}

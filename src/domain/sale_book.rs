@@ -1260,20 +1260,7 @@ mod tests {
         let mut ids: Vec<Uuid> = (0..3000).map(|_| Uuid::new_v4()).collect();
         let now = Utc::now();
         for id in &ids {
-            let order = Order {
-                id: *id,
-                sale_id: s.id,
-                user_id: *id,
-                quantity: 1,
-                status: OrderStatus::Reserved,
-                created_at: now,
-                expires_at: now,
-                paid_at: None,
-                closed_at: None,
-                idempotency_key: None,
-                price_cents: 1,
-                currency: "EUR".into(),
-            };
+            let order = Order::test_reservation(*id, s.id, *id, now);
             entries.insert(Entry::of(&order, Durability::Durable, true));
         }
         assert_eq!(entries.len(), 3000);

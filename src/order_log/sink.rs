@@ -818,7 +818,7 @@ mod tests {
 
     use super::*;
     use crate::config::{Overrides, Settings, StorageMode};
-    use crate::domain::order::{Order, OrderStatus};
+    use crate::domain::order::Order;
 
     /// A sink that records the size of every batch appended and confirms
     /// each only when the test opens its gate.
@@ -888,23 +888,8 @@ mod tests {
     }
 
     fn reservation(sale_id: Uuid) -> LogEntry {
-        let now = Utc::now();
-        LogEntry::Reserve {
-            order: Order {
-                id: Uuid::now_v7(),
-                sale_id,
-                user_id: Uuid::new_v4(),
-                quantity: 1,
-                status: OrderStatus::Reserved,
-                created_at: now,
-                expires_at: now,
-                paid_at: None,
-                closed_at: None,
-                idempotency_key: None,
-                price_cents: 100,
-                currency: "USD".into(),
-            },
-        }
+        let order = Order::test_reservation(Uuid::now_v7(), sale_id, Uuid::new_v4(), Utc::now());
+        LogEntry::Reserve { order }
     }
 
     async fn until(what: &str, check: impl Fn() -> bool) {
