@@ -440,13 +440,8 @@ async fn run<S: Sink>(
     let doubtful = Doubtful::default();
     let resolver = actix::spawn(resolve(doubtful.clone(), deps.clone(), stats.clone()));
     // The open link, shared with the backlog probe (same thread).
-    let shared_link: Rc<RefCell<Option<Rc<S::Link>>>> = Rc::default();
-    let probe = actix::spawn(probe_backlog(
-        sink.clone(),
-        shared_link.clone(),
-        stats.clone(),
-    ));
-    let mut link: Option<Rc<S::Link>> = None;
+    let link: Rc<RefCell<Option<Rc<S::Link>>>> = Rc::default();
+    let probe = actix::spawn(probe_backlog(sink.clone(), link.clone(), stats.clone()));
     let initial_backoff = Duration::from_millis(cfg.reconnect_initial_ms.max(1));
     let mut backoff = initial_backoff;
     let max_delay = Duration::from_micros(cfg.batch_max_delay_us);
@@ -456,10 +451,16 @@ async fn run<S: Sink>(
     loop {
         let stopping = *stop.borrow();
         let stalled = stats.stalled.swap(false, Ordering::AcqRel);
-        if stalled || link.as_ref().is_none_or(|l| !sink.is_open(l)) {
+        let open = link
+            .borrow()
+            .clone()
+            .filter(|l| !stalled && sink.is_open(l));
+        let current = if let Some(open) = open {
+            open
+        } else {
             stats.connected.store(false, Ordering::Release);
-            shared_link.borrow_mut().take();
-            if let Some(old) = link.take() {
+            let old = link.borrow_mut().take();
+            if let Some(old) = old {
                 sink.close(&old).await;
             }
             if stopping {
@@ -470,11 +471,11 @@ async fn run<S: Sink>(
                     tracing::info!(sink = sink.name(), "order log open");
                     breaker.record_success();
                     let l = Rc::new(l);
-                    *shared_link.borrow_mut() = Some(l.clone());
-                    link = Some(l);
+                    *link.borrow_mut() = Some(l.clone());
                     backoff = initial_backoff;
                     stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     stats.connected.store(true, Ordering::Release);
+                    l
                 }
                 Err(e) => {
                     tracing::warn!(sink = sink.name(), error = %e, retry_in_ms = backoff.as_millis() as u64, "order log cannot be opened");
@@ -490,9 +491,6 @@ async fn run<S: Sink>(
                     continue;
                 }
             }
-        }
-        let Some(current) = link.clone() else {
-            continue;
         };
 
         // A place in flight first: while every place waits for its confirm,
@@ -536,7 +534,7 @@ async fn run<S: Sink>(
             .await
             .is_err()
         {
-            link = None;
+            link.borrow_mut().take();
         }
     }
 
@@ -559,8 +557,8 @@ async fn run<S: Sink>(
         );
     }
     stats.connected.store(false, Ordering::Release);
-    shared_link.borrow_mut().take();
-    if let Some(l) = link {
+    let last = link.borrow_mut().take();
+    if let Some(l) = last {
         sink.close(&l).await;
     }
 }
