@@ -148,8 +148,8 @@ core_runs() { # embedded | services
   # The sold-out run sends one prebuilt request (a shopper's token in a
   # header), so wrk spends exactly what it spends on /healthz: the ratio
   # compares the server's two paths, not two client scripts. Its one token
-  # is answered from each worker's verified-token cache after the first
-  # request, as a buyer pressing "buy" again is. A short second run rotates
+  # is answered from each worker's verified-token cache once the worker
+  # has verified it twice, as a buyer pressing "buy" again is. A short second run rotates
   # 20,000 buyers and counts the answers, to show they are all 409s.
   echo "== $m: sold out"; run_wrk "$m-soldout" "$SECONDS_SHORT" "$CONNECTIONS" -H "Authorization: Bearer $(sed -n 2p "$WORK/few-tokens.txt")" -s load-tests/wrk/post.lua "$BASE/api/v1/sales/$sold/purchases"
   echo "== $m: sold out, many buyers, answers counted"; run_wrk "$m-soldout-count" 3 "$CONNECTIONS" -s load-tests/wrk/purchase.lua "$BASE" -- "/api/v1/sales/$sold/purchases" "$WORK/few-tokens.txt"
@@ -231,7 +231,7 @@ core_report() {
     echo "- Reservation run: ${RESERVE_TOTAL[$m]} answers, ${RESERVE_NON2XX[$m]} of them not 2xx (each request a new buyer, so none should be)."
     echo
   done
-  echo "- The sold-out run repeats one buyer's request, so after the first one its token comes from the worker's verified-token cache (\`auth.token_cache_per_worker\`), as for a buyer pressing \"buy\" again; the reservation run gives every request a new token, verified in full."
+  echo "- The sold-out run repeats one buyer's request, so once a worker has verified its token twice, the token comes from that worker's verified-token cache (\`auth.token_cache_per_worker\`), as for a buyer pressing \"buy\" again; the reservation run gives every request a new token, verified in full."
 }
 
 # BENCH_CORE_ONLY=1: steps 1-3 only, their report on stdout.

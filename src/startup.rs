@@ -79,7 +79,10 @@ struct Pipeline {
     writer_stats: Arc<WriterStats>,
     /// The broker the writers drain at shutdown (services mode).
     rabbit: Option<RabbitSettings>,
+    /// The stock actors' and the publisher's thread.
     arbiter: actix::Arbiter,
+    /// The order writers' thread (idle in embedded mode).
+    writer_arbiter: actix::Arbiter,
     shutdown_timeout: Duration,
 }
 
@@ -130,9 +133,10 @@ impl Application {
             0
         };
 
-        // The stock actors, the publisher and the writers share one thread
-        // of their own (see ARCHITECTURE.md, "Threads").
+        // The stock actors and the publisher share one thread of their own;
+        // the writers have another (see ARCHITECTURE.md, "Threads").
         let pipeline_arbiter = actix::Arbiter::new();
+        let writer_arbiter = actix::Arbiter::new();
         let publisher_deps = PublisherDeps {
             orders: settings.orders.clone(),
             store: store.clone(),
@@ -266,7 +270,7 @@ impl Application {
             .flat_map(|config| {
                 (0..writer_count).map(|i| {
                     let writer = OrderWriter::new(i, config.clone(), writer_stats.clone());
-                    OrderWriter::start_in_arbiter(&pipeline_arbiter.handle(), move |_| writer)
+                    OrderWriter::start_in_arbiter(&writer_arbiter.handle(), move |_| writer)
                 })
             })
             .collect();
@@ -299,6 +303,7 @@ impl Application {
                 writer_stats,
                 rabbit: writer_config.map(|c| c.rabbit),
                 arbiter: pipeline_arbiter,
+                writer_arbiter,
                 shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_secs),
             },
         })
@@ -351,6 +356,7 @@ impl Application {
             );
         }
         pipeline.arbiter.stop();
+        pipeline.writer_arbiter.stop();
         tracing::info!("shutdown complete");
         Ok(())
     }

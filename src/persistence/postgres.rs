@@ -467,7 +467,16 @@ fn classify_apply(e: tokio_postgres::Error) -> ApplyError {
 /// v1 entries that carry none).
 ///
 /// Applying a message is one prepared statement (atomic on its own, so no
-/// explicit transaction and no extra round trips). `orders.sale_id` has no
+/// explicit transaction). A set of messages holding only new reservations,
+/// nearly every set in a rush, is first tried as one binary `COPY` into
+/// `orders`: measured on the benchmark machine (120 rows a batch, the
+/// shipped indexes) it costs PostgreSQL about half the CPU per row of the
+/// upsert (9-10 µs against 18-19 µs), where a `COPY` into a staging table
+/// followed by the upsert saved only 5%. A `COPY` takes no `ON CONFLICT`:
+/// when it meets an order already there (a redelivery after a crash, a late
+/// copy of a voided reservation, an order whose payment landed first) it
+/// fails whole, writing nothing, and the set is applied again with the
+/// upsert, which decides each row as always. `orders.sale_id` has no
 /// foreign key (migration V3): every order of a hot sale would take a
 /// `FOR KEY SHARE` lock on the same `sales` row, and with several writers
 /// PostgreSQL turns those into multixacts, which cost more than the insert.
@@ -477,8 +486,32 @@ fn classify_apply(e: tokio_postgres::Error) -> ApplyError {
 pub struct LogApplier {
     client: tokio_postgres::Client,
     upsert: tokio_postgres::Statement,
+    copy: tokio_postgres::Statement,
     known_sales: std::collections::HashMap<uuid::Uuid, (i64, String)>,
 }
+
+/// The columns of `orders` an order-log entry writes, in the order both
+/// statements below take them.
+const ORDER_LOG_COLUMNS: &str = "id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at, price_cents, currency";
+
+/// Their types, for the binary `COPY`.
+const ORDER_LOG_TYPES: [tokio_postgres::types::Type; 12] = {
+    use tokio_postgres::types::Type;
+    [
+        Type::UUID,
+        Type::UUID,
+        Type::UUID,
+        Type::INT4,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::INT8,
+        Type::TEXT,
+    ]
+};
 
 /// The one statement every order-log entry is applied with.
 const UPSERT_ORDERS: &str = "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at, price_cents, currency) \
@@ -488,12 +521,18 @@ const UPSERT_ORDERS: &str = "INSERT INTO orders (id, sale_id, user_id, quantity,
      WHERE orders.status = 'reserved' AND EXCLUDED.status <> 'reserved'";
 
 impl LogApplier {
-    /// Prepares the upsert on `client`.
+    /// Prepares the upsert and the `COPY` on `client`.
     pub async fn new(client: tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
         let upsert = client.prepare(UPSERT_ORDERS).await?;
+        let copy = client
+            .prepare(&format!(
+                "COPY orders ({ORDER_LOG_COLUMNS}) FROM STDIN (FORMAT binary)"
+            ))
+            .await?;
         Ok(LogApplier {
             client,
             upsert,
+            copy,
             known_sales: Default::default(),
         })
     }
@@ -532,6 +571,16 @@ impl LogApplier {
             .chain(&priced)
             .collect();
         orders.sort_unstable_by_key(|o| o.id);
+        let only_new = msgs
+            .iter()
+            .flat_map(|m| &m.entries)
+            .all(|e| !e.is_transition());
+        if only_new {
+            match copy_new(&self.client, &self.copy, &orders).await {
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
+                copied => return copied.map_err(classify_apply),
+            }
+        }
         upsert(&self.client, &self.upsert, &orders)
             .await
             .map_err(classify_apply)
@@ -611,6 +660,40 @@ where
             ],
         )
         .await
+}
+
+/// Writes `orders`, none of which may be in the table yet, with the binary
+/// `COPY` prepared as `statement`: all of them or, on any error (a unique
+/// violation among them), none.
+async fn copy_new(
+    client: &tokio_postgres::Client,
+    statement: &tokio_postgres::Statement,
+    orders: &[&Order],
+) -> Result<u64, tokio_postgres::Error> {
+    let sink = client.copy_in(statement).await?;
+    let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, &ORDER_LOG_TYPES);
+    futures_util::pin_mut!(writer);
+    for o in orders {
+        let quantity = i32::try_from(o.quantity).unwrap_or(i32::MAX);
+        writer
+            .as_mut()
+            .write(&[
+                &o.id,
+                &o.sale_id,
+                &o.user_id,
+                &quantity,
+                &o.status.as_str(),
+                &o.idempotency_key.as_deref(),
+                &o.created_at,
+                &o.expires_at,
+                &o.paid_at,
+                &o.closed_at,
+                &o.price_cents,
+                &o.currency.as_str(),
+            ])
+            .await?;
+    }
+    writer.finish().await
 }
 
 const ORDER_COLUMNS: &str =
