@@ -19,7 +19,7 @@ use super::Unreachable;
 use crate::config::DatabaseSettings;
 use crate::domain::order::{Order, OrderStatus};
 use crate::domain::sale::{Sale, SaleSpec};
-use crate::domain::sale_book::SaleBook;
+use crate::domain::sale_book::{BookRestore, SaleBook};
 use crate::order_log::{ApplyError, LogEntry, LogMessage};
 
 mod embedded {
@@ -173,9 +173,9 @@ impl PostgresStore {
         only: Option<Uuid>,
     ) -> Result<HashMap<Uuid, SaleBook>, StoreError> {
         use futures_util::StreamExt;
-        let mut books: HashMap<Uuid, SaleBook> = sales
+        let mut books: HashMap<Uuid, BookRestore> = sales
             .into_iter()
-            .map(|s| (s.id, SaleBook::new(s)))
+            .map(|s| (s.id, BookRestore::new(s)))
             .collect();
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
@@ -193,12 +193,12 @@ impl PostgresStore {
         while let Some(row) = rows.next().await {
             if let Some(order) = order_from_row(&row?) {
                 if let Some(book) = books.get_mut(&order.sale_id) {
-                    book.restore_one(&order);
+                    book.add(&order);
                 }
             }
         }
         tx.commit().await?;
-        Ok(books)
+        Ok(books.into_iter().map(|(id, b)| (id, b.finish())).collect())
     }
 }
 

@@ -31,7 +31,7 @@ use super::Unreachable;
 use crate::config::StorageSettings;
 use crate::domain::order::{Order, OrderStatus};
 use crate::domain::sale::{Sale, SaleSpec};
-use crate::domain::sale_book::SaleBook;
+use crate::domain::sale_book::{BookRestore, SaleBook};
 
 /// The schema, by version (`PRAGMA user_version` says which are applied).
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/V1__initial.sql")];
@@ -430,9 +430,9 @@ impl Store for SqliteStore {
             [one] => Some(*one.id.as_bytes()),
             _ => None,
         };
-        let mut books: HashMap<Uuid, SaleBook> = sales
+        let mut books: HashMap<Uuid, BookRestore> = sales
             .into_iter()
-            .map(|s| (s.id, SaleBook::new(s)))
+            .map(|s| (s.id, BookRestore::new(s)))
             .collect();
         self.run(move |c| {
             let mut stmt = c.prepare(&format!(
@@ -442,11 +442,11 @@ impl Store for SqliteStore {
             while let Some(row) = rows.next()? {
                 if let Some(order) = order_from_row(row)? {
                     if let Some(book) = books.get_mut(&order.sale_id) {
-                        book.restore_one(&order);
+                        book.add(&order);
                     }
                 }
             }
-            Ok(books)
+            Ok(books.into_iter().map(|(id, b)| (id, b.finish())).collect())
         })
         .await
     }
