@@ -44,14 +44,25 @@ const HAS_PAID: u8 = 1;
 const HAS_CLOSED: u8 = 2;
 const HAS_KEY: u8 = 4;
 
-/// An order's status on the wire (kept apart from the API's enum).
+/// An order's status on the wire (kept apart from the API's enum); in v3
+/// its byte is the discriminant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[repr(u8)]
 enum Status {
-    Reserved,
-    Paid,
-    Cancelled,
-    Expired,
+    Reserved = 0,
+    Paid = 1,
+    Cancelled = 2,
+    Expired = 3,
+}
+
+impl Status {
+    const ALL: [Status; 4] = [
+        Status::Reserved,
+        Status::Paid,
+        Status::Cancelled,
+        Status::Expired,
+    ];
 }
 
 impl From<OrderStatus> for Status {
@@ -76,11 +87,17 @@ impl From<Status> for OrderStatus {
     }
 }
 
+/// In v3 its byte is the discriminant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[repr(u8)]
 pub(super) enum Op {
-    Reserve,
-    Transition,
+    Reserve = 0,
+    Transition = 1,
+}
+
+impl Op {
+    const ALL: [Op; 2] = [Op::Reserve, Op::Transition];
 }
 
 /// A v2 order.
@@ -131,20 +148,10 @@ pub(super) fn encode<'a>(entries: impl Iterator<Item = (Op, &'a Order)>) -> Vec<
     let mut count: u32 = 0;
     for (op, o) in entries {
         count += 1;
-        let status = match Status::from(o.status) {
-            Status::Reserved => 0,
-            Status::Paid => 1,
-            Status::Cancelled => 2,
-            Status::Expired => 3,
-        };
         let present = o.paid_at.map_or(0, |_| HAS_PAID)
             | o.closed_at.map_or(0, |_| HAS_CLOSED)
             | o.idempotency_key.as_ref().map_or(0, |_| HAS_KEY);
-        let op = match op {
-            Op::Reserve => 0,
-            Op::Transition => 1,
-        };
-        out.extend_from_slice(&[op, status, present]);
+        out.extend_from_slice(&[op as u8, Status::from(o.status) as u8, present]);
         for id in [o.id, o.sale_id, o.user_id] {
             out.extend_from_slice(id.as_bytes());
         }
@@ -235,18 +242,16 @@ fn decode_v3(bytes: &[u8]) -> Result<Vec<(Op, Order)>, String> {
     }
     let mut entries = Vec::with_capacity(count);
     for _ in 0..count {
-        let op = match r.u8("op")? {
-            0 => Op::Reserve,
-            1 => Op::Transition,
-            other => return Err(format!("unknown op {other}")),
-        };
-        let status = match r.u8("status")? {
-            0 => Status::Reserved,
-            1 => Status::Paid,
-            2 => Status::Cancelled,
-            3 => Status::Expired,
-            other => return Err(format!("unknown status {other}")),
-        };
+        let op = r.u8("op")?;
+        let op = Op::ALL
+            .into_iter()
+            .find(|o| *o as u8 == op)
+            .ok_or_else(|| format!("unknown op {op}"))?;
+        let status = r.u8("status")?;
+        let status = Status::ALL
+            .into_iter()
+            .find(|s| *s as u8 == status)
+            .ok_or_else(|| format!("unknown status {status}"))?;
         let present = r.u8("flags")?;
         if present & !(HAS_PAID | HAS_CLOSED | HAS_KEY) != 0 {
             return Err(format!("unknown flags {present:#04x}"));

@@ -490,11 +490,23 @@ pub struct LogApplier {
     known_sales: std::collections::HashMap<uuid::Uuid, (i64, String)>,
 }
 
-/// The columns of `orders` an order-log entry writes, in the order both
-/// statements below take them.
-const ORDER_LOG_COLUMNS: &str = "id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at, price_cents, currency";
+/// The columns of `orders` an order-log entry writes, in the order the
+/// upsert and the `COPY` take them (a macro, so that both statements can
+/// be constant text).
+macro_rules! order_log_columns {
+    () => {
+        "id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at, price_cents, currency"
+    };
+}
 
-/// Their types, for the binary `COPY`.
+/// The `COPY` of new reservations.
+const COPY_ORDERS: &str = concat!(
+    "COPY orders (",
+    order_log_columns!(),
+    ") FROM STDIN (FORMAT binary)"
+);
+
+/// The types of `order_log_columns!`, in order, for the binary `COPY`.
 const ORDER_LOG_TYPES: [tokio_postgres::types::Type; 12] = {
     use tokio_postgres::types::Type;
     [
@@ -513,22 +525,22 @@ const ORDER_LOG_TYPES: [tokio_postgres::types::Type; 12] = {
     ]
 };
 
-/// The one statement every order-log entry is applied with.
-const UPSERT_ORDERS: &str = "INSERT INTO orders (id, sale_id, user_id, quantity, status, idempotency_key, created_at, expires_at, paid_at, closed_at, price_cents, currency) \
-     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[], \
+/// The statement every order-log entry can be applied with (transitions,
+/// replays, and sets the `COPY` could not take).
+const UPSERT_ORDERS: &str = concat!(
+    "INSERT INTO orders (",
+    order_log_columns!(),
+    ") SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[], \
                           $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::int8[], $12::text[]) \
      ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, paid_at = EXCLUDED.paid_at, closed_at = EXCLUDED.closed_at \
-     WHERE orders.status = 'reserved' AND EXCLUDED.status <> 'reserved'";
+     WHERE orders.status = 'reserved' AND EXCLUDED.status <> 'reserved'"
+);
 
 impl LogApplier {
     /// Prepares the upsert and the `COPY` on `client`.
     pub async fn new(client: tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
         let upsert = client.prepare(UPSERT_ORDERS).await?;
-        let copy = client
-            .prepare(&format!(
-                "COPY orders ({ORDER_LOG_COLUMNS}) FROM STDIN (FORMAT binary)"
-            ))
-            .await?;
+        let copy = client.prepare(COPY_ORDERS).await?;
         Ok(LogApplier {
             client,
             upsert,
