@@ -121,6 +121,7 @@ pub struct RabbitSettings {
     pub queue: String,
     pub dead_letter_queue: String,
     pub connect_timeout_ms: u64,
+    pub batch_max_delay_us: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

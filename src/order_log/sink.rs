@@ -6,8 +6,8 @@
 //! `orders.max_unconfirmed_batches` in flight. A batch is formed only once
 //! it has a place in flight, so while every place waits for its confirm the
 //! entries pile up and the next batch takes them all (up to
-//! `orders.batch_max_orders`, after waiting at most
-//! `orders.batch_max_delay_us` for more while earlier batches are still
+//! `orders.batch_max_orders`, after waiting at most the sink's
+//! [`Sink::batch_delay`] for more while earlier batches are still
 //! unconfirmed): batches grow with the backlog, and the sink sees fewer,
 //! larger appends when it is busiest. When a batch's confirm arrives, every
 //! sale in it is told with one [`Settled`] message; that is when shoppers
@@ -238,6 +238,12 @@ pub trait Sink: Send + 'static {
     /// Whether a confirmed batch is already in the store ([`Settled::stored`]).
     fn confirms_into_store(&self) -> bool;
 
+    /// How long a batch waits for more entries while others are in flight:
+    /// `orders.batch_max_delay_us` unless the sink has a figure of its own.
+    fn batch_delay(&self, orders: &OrderSettings) -> Duration {
+        Duration::from_micros(orders.batch_max_delay_us)
+    }
+
     async fn close(&self, link: &Self::Link);
 }
 
@@ -309,6 +315,12 @@ impl Sink for RabbitSink {
 
     fn confirms_into_store(&self) -> bool {
         false
+    }
+
+    /// RabbitMQ's CPU is mostly per message, so its batches wait longer
+    /// (`rabbitmq.batch_max_delay_us`).
+    fn batch_delay(&self, _: &OrderSettings) -> Duration {
+        Duration::from_micros(self.settings.batch_max_delay_us)
     }
 
     async fn close(&self, link: &RabbitLink) {
@@ -444,7 +456,7 @@ async fn run<S: Sink>(
     let probe = actix::spawn(probe_backlog(sink.clone(), link.clone(), stats.clone()));
     let initial_backoff = Duration::from_millis(cfg.reconnect_initial_ms.max(1));
     let mut backoff = initial_backoff;
-    let max_delay = Duration::from_micros(cfg.batch_max_delay_us);
+    let max_delay = sink.batch_delay(cfg);
     let breaker = sink.breaker()(&deps.breakers);
     let look_around = Duration::from_millis(250);
 
