@@ -52,7 +52,8 @@ pub struct TokenKeys {
     validation: Validation,
     issuer: String,
     ttl_secs: i64,
-    own: OwnTokens,
+    /// `None` only if the header could not be written (it always can).
+    own: Option<OwnTokens>,
 }
 
 /// The check of tokens that carry the header this server issues: HS256 with
@@ -62,7 +63,7 @@ pub struct TokenKeys {
 struct OwnTokens {
     /// The first segment of every token `TokenKeys::issue` signs.
     header: String,
-    mac: Option<Hmac<Sha256>>,
+    mac: Hmac<Sha256>,
 }
 
 fn refused(kind: ErrorKind) -> TokenError {
@@ -77,7 +78,6 @@ impl OwnTokens {
     /// `Some` when `token` has our header: its claims, or why it is refused.
     /// `None` for any other shape, left to `jsonwebtoken`.
     fn verify(&self, token: &str, issuer: &str, leeway: i64) -> Option<Result<Claims, TokenError>> {
-        let mac = self.mac.as_ref().filter(|_| !self.header.is_empty())?;
         let rest = token
             .strip_prefix(self.header.as_str())?
             .strip_prefix('.')?;
@@ -88,7 +88,7 @@ impl OwnTokens {
         if b64.decode_slice(signature, &mut sig).ok()? != sig.len() {
             return None;
         }
-        let mut mac = mac.clone();
+        let mut mac = self.mac.clone();
         mac.update(signed.as_bytes());
         if mac.verify_slice(&sig).is_err() {
             return Some(Err(refused(ErrorKind::InvalidSignature)));
@@ -114,20 +114,20 @@ impl TokenKeys {
         validation.set_required_spec_claims(&["exp", "iss", "sub"]);
         validation.leeway = 5;
         let encoding = EncodingKey::from_secret(secret);
-        // The header segment exactly as `issue` writes it.
-        let header = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &(), &encoding)
+        // The header segment exactly as `issue` writes it, and the HMAC
+        // (which takes a key of any length).
+        let own = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &(), &encoding)
             .ok()
-            .and_then(|t| t.split('.').next().map(str::to_owned))
-            .unwrap_or_default();
-        // HMAC takes a key of any length, so this is always `Some`.
-        let mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).ok();
+            .and_then(|t| Some(t.split_once('.')?.0.to_owned()))
+            .zip(<Hmac<Sha256> as Mac>::new_from_slice(secret).ok())
+            .map(|(header, mac)| OwnTokens { header, mac });
         Self {
             encoding,
             decoding: DecodingKey::from_secret(secret),
             validation,
             issuer: settings.jwt_issuer.clone(),
             ttl_secs: i64::try_from(settings.token_ttl_secs).unwrap_or(i64::MAX / 4),
-            own: OwnTokens { header, mac },
+            own,
         }
     }
 
@@ -152,7 +152,8 @@ impl TokenKeys {
 
     /// The claims of a valid token.
     pub fn verify_claims(&self, token: &str) -> Result<Claims, TokenError> {
-        if let Some(checked) = self.own.verify(token, &self.issuer, self.leeway_secs()) {
+        let own = self.own.as_ref();
+        if let Some(checked) = own.and_then(|o| o.verify(token, &self.issuer, self.leeway_secs())) {
             return checked;
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?;
@@ -476,7 +477,11 @@ mod tests {
         let now = Utc::now().timestamp();
         let general =
             |t: &str| jsonwebtoken::decode::<Claims>(t, &keys.decoding, &keys.validation).is_ok();
-        let own = |t: &str| keys.own.verify(t, &keys.issuer, keys.leeway_secs());
+        let own = |t: &str| {
+            keys.own
+                .as_ref()
+                .and_then(|o| o.verify(t, &keys.issuer, keys.leeway_secs()))
+        };
         let fresh = signed(&keys, &ours, now + 60, "flashsale");
         let within_leeway = signed(&keys, &ours, now - 2, "flashsale");
         let expired = signed(&keys, &ours, now - 60, "flashsale");

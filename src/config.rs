@@ -311,6 +311,12 @@ impl Settings {
         {
             return fail("orders.batch_max_orders, max_unconfirmed_batches, publish_queue_capacity, writers and writer_prefetch must be at least 1");
         }
+        // A batch that waits as long as a purchase waits for its confirm
+        // would answer every purchase of a rush 503.
+        let confirm_us = o.confirm_timeout_ms.saturating_mul(1000);
+        if o.batch_max_delay_us >= confirm_us || self.rabbitmq.batch_max_delay_us >= confirm_us {
+            return fail("orders.batch_max_delay_us and rabbitmq.batch_max_delay_us must be shorter than orders.confirm_timeout_ms");
+        }
         if self.storage.read_connections == 0 {
             return fail("storage.read_connections must be at least 1");
         }
@@ -478,6 +484,18 @@ mod tests {
         assert!(!s.loopback_only());
         s.server.host = "::1".into();
         assert!(s.loopback_only());
+    }
+
+    #[test]
+    fn a_batch_delay_must_be_shorter_than_the_confirm_timeout() {
+        let mut s = Settings::load_without_env(None, &Overrides::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(s.validate().is_ok());
+        s.rabbitmq.batch_max_delay_us = s.orders.confirm_timeout_ms * 1000;
+        assert!(s.validate().is_err());
+        s.rabbitmq.batch_max_delay_us = 5000;
+        s.orders.batch_max_delay_us = s.orders.confirm_timeout_ms * 1000 + 1;
+        assert!(s.validate().is_err());
     }
 
     #[test]
