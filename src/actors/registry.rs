@@ -390,9 +390,21 @@ pub enum KeyCheck {
 /// the sale's actor keeps the claim while the book holds an order for it and
 /// drops it otherwise, so the index holds what the books hold, plus what is
 /// in flight.
-#[derive(Default)]
 pub struct KeyIndex {
     uses: DashMap<(Uuid, Box<str>), KeyUse>,
+}
+
+impl Default for KeyIndex {
+    /// In 256 shards: a shard doubles on its own, moving all it holds while
+    /// every caller of that shard waits; with a key per purchase of a large
+    /// sale, dashmap's default (4 per core: 8 on two cores) made each such
+    /// move an eighth of the index, as the book's growth was (see
+    /// `domain::containers`).
+    fn default() -> Self {
+        KeyIndex {
+            uses: DashMap::with_shard_amount(256),
+        }
+    }
 }
 
 impl KeyIndex {

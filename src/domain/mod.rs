@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 
+pub mod containers;
 pub mod order;
 pub mod sale;
 pub mod sale_book;

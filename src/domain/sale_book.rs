@@ -22,11 +22,10 @@
 //! A settled order never changes again, so whoever asks about it is
 //! answered from the order directory or PostgreSQL ([`settled_answer`]).
 
-use std::collections::{HashMap, VecDeque};
-
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::containers::{Chunked, Pos, ShardedMap};
 use super::order::{Order, OrderStatus};
 use super::sale::{Sale, SaleStatus};
 
@@ -274,13 +273,14 @@ impl Entry {
     }
 }
 
-/// The entries in play, inline and sorted by order id (ids are UUIDv7, so a
-/// new order goes at or near the end), found by binary search. No map and
-/// no allocation per order: a removed entry is a tombstone until they make
-/// up half, then all are dropped in one pass.
+/// The entries in play, inline in chunks and sorted by order id (ids are
+/// UUIDv7, so a new order goes at or near the end), found by binary search.
+/// No map and no allocation per order: a removed entry is a tombstone until
+/// they make up half, then all are dropped in one pass.
 #[derive(Debug, Clone, Default)]
 struct Entries {
-    all: Vec<Entry>,
+    /// Chunked: a book that grows never moves what it holds.
+    all: Chunked<Entry>,
     gone: usize,
 }
 
@@ -289,25 +289,25 @@ impl Entries {
         self.all.len() - self.gone
     }
 
-    fn index(&self, id: Uuid) -> Option<usize> {
+    fn index(&self, id: Uuid) -> Option<Pos> {
         self.all
             .binary_search_by(|e| e.id.cmp(&id))
             .ok()
-            .filter(|i| !self.all[*i].flags.gone())
+            .filter(|p| self.all.get(*p).is_some_and(|e| !e.flags.gone()))
     }
 
     fn get(&self, id: Uuid) -> Option<&Entry> {
-        self.index(id).map(|i| &self.all[i])
+        self.index(id).and_then(|p| self.all.get(p))
     }
 
     fn get_mut(&mut self, id: Uuid) -> Option<&mut Entry> {
-        self.index(id).map(|i| &mut self.all[i])
+        self.index(id).and_then(|p| self.all.get_mut(p))
     }
 
     /// Appends an entry of a restore, in whatever order the store reads
     /// them; [`Self::sort_restored`] puts them in order once all are in.
     fn push_restored(&mut self, entry: Entry) {
-        self.all.push(entry);
+        self.all.push_back(entry);
     }
 
     /// Sorts the entries of a restore by id, once: inserting each in place
@@ -316,43 +316,46 @@ impl Entries {
     /// parallel scan in no particular order, never finished). Of two
     /// entries with one id the later read wins, as an insert did.
     fn sort_restored(&mut self) {
-        if self.all.is_sorted_by(|a, b| a.id < b.id) {
-            return;
-        }
-        // A stable sort keeps the reading order among equal ids; each run
-        // of one id then keeps its last.
-        self.all.sort_by_key(|e| e.id);
-        let mut kept: Vec<Entry> = Vec::with_capacity(self.all.len());
-        for e in self.all.drain(..) {
-            match kept.last_mut() {
-                Some(last) if last.id == e.id => *last = e,
-                _ => kept.push(e),
+        let mut all = self.all.take_all();
+        if !all.is_sorted_by(|a, b| a.id < b.id) {
+            // A stable sort keeps the reading order among equal ids; each
+            // run of one id then keeps its last.
+            all.sort_by_key(|e| e.id);
+            let mut kept: Vec<Entry> = Vec::with_capacity(all.len());
+            for e in all.drain(..) {
+                match kept.last_mut() {
+                    Some(last) if last.id == e.id => *last = e,
+                    _ => kept.push(e),
+                }
             }
+            all = kept;
         }
-        self.all = kept;
+        self.all = Chunked::from_vec(all);
         self.gone = 0;
     }
 
     fn insert(&mut self, entry: Entry) {
-        match self.all.last() {
+        match self.all.back() {
             Some(last) if last.id >= entry.id => {
                 match self.all.binary_search_by(|e| e.id.cmp(&entry.id)) {
-                    Ok(i) => {
-                        if self.all[i].flags.gone() {
-                            self.gone -= 1;
+                    Ok(p) => {
+                        if let Some(slot) = self.all.get_mut(p) {
+                            if slot.flags.gone() {
+                                self.gone -= 1;
+                            }
+                            *slot = entry;
                         }
-                        self.all[i] = entry;
                     }
-                    Err(i) => self.all.insert(i, entry),
+                    Err(p) => self.all.insert(p, entry),
                 }
             }
-            _ => self.all.push(entry),
+            _ => self.all.push_back(entry),
         }
     }
 
     fn remove(&mut self, id: Uuid) -> Option<Entry> {
-        let i = self.index(id)?;
-        let e = &mut self.all[i];
+        let p = self.index(id)?;
+        let e = self.all.get_mut(p)?;
         let taken = Entry {
             key: e.key.take(),
             ..e.clone()
@@ -362,9 +365,6 @@ impl Entries {
         if self.gone > 1024 && self.gone * 2 > self.all.len() {
             self.all.retain(|e| !e.flags.gone());
             self.gone = 0;
-            if self.all.capacity() > 4 * self.all.len() + 1024 {
-                self.all.shrink_to_fit();
-            }
         }
         Some(taken)
     }
@@ -396,9 +396,9 @@ pub struct SaleBook {
     sale: Sale,
     remaining: u32,
     /// Units each user holds in reserved and paid orders of this sale.
-    held_by: HashMap<Uuid, u32>,
+    held_by: ShardedMap<Uuid, u32>,
     /// (user, idempotency key) → the order it made, for replays.
-    keys: HashMap<(Uuid, Box<str>), KeyedOrder>,
+    keys: ShardedMap<(Uuid, Box<str>), KeyedOrder>,
     /// Orders still in play (not settled).
     orders: Entries,
     /// (deadline in µs, order id) of reservations, earliest first. A
@@ -406,7 +406,7 @@ pub struct SaleBook {
     /// ones go at the back; one out of order (a restore, a shorter TTL)
     /// marks the queue for sorting before the next look. Entries of orders
     /// that stopped being reserved stay until they reach the front.
-    deadlines: VecDeque<(i64, Uuid)>,
+    deadlines: Chunked<(i64, Uuid)>,
     deadlines_sorted: bool,
     counters: BookCounters,
     /// Bumped on every change, published with snapshots.
@@ -471,10 +471,10 @@ impl SaleBook {
         SaleBook {
             sale,
             remaining,
-            held_by: HashMap::new(),
-            keys: HashMap::new(),
+            held_by: ShardedMap::default(),
+            keys: ShardedMap::default(),
             orders: Entries::default(),
-            deadlines: VecDeque::new(),
+            deadlines: Chunked::default(),
             deadlines_sorted: true,
             counters: BookCounters::default(),
             version: 0,
@@ -559,7 +559,7 @@ impl SaleBook {
 
     fn hold(&mut self, user_id: Uuid, quantity: u32) {
         self.remaining = self.remaining.saturating_sub(quantity);
-        *self.held_by.entry(user_id).or_insert(0) += quantity;
+        *self.held_by.shard_of(&user_id).entry(user_id).or_insert(0) += quantity;
     }
 
     fn unhold(&mut self, user_id: Uuid, quantity: u32) {
@@ -747,7 +747,7 @@ impl SaleBook {
     /// that no longer belong to a reservation.
     pub fn due(&mut self, now: DateTime<Utc>, limit: usize) -> Vec<Order> {
         if !self.deadlines_sorted {
-            self.deadlines.make_contiguous().sort_unstable();
+            self.deadlines.sort_unstable();
             self.deadlines_sorted = true;
         }
         while let Some(&(at, id)) = self.deadlines.front() {
@@ -759,7 +759,7 @@ impl SaleBook {
         let now_us = micros(now);
         let closed_at = from_micros(now_us);
         let mut due: Vec<Order> = Vec::new();
-        for &(at, id) in &self.deadlines {
+        for &(at, id) in self.deadlines.iter() {
             if at > now_us || due.len() >= limit {
                 break;
             }
@@ -1348,7 +1348,8 @@ mod tests {
             entries.insert(Entry::of(&order, Durability::Durable, true));
         }
         assert_eq!(entries.len(), 3000);
-        assert!(entries.all.windows(2).all(|w| w[0].id < w[1].id));
+        let in_order: Vec<Uuid> = entries.all.iter().map(|e| e.id).collect();
+        assert!(in_order.windows(2).all(|w| w[0] < w[1]));
         for id in ids.drain(..2000) {
             assert_eq!(entries.remove(id).map(|e| e.user_id), Some(id));
             assert!(entries.get(id).is_none());
