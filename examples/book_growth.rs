@@ -7,13 +7,19 @@
 //!
 //! ```sh
 //! cargo run --release --example book_growth -- 2000000
+//! cargo run --release --example book_growth -- 2000000 restore
 //! ```
+//!
+//! With `restore` it then rebuilds a book from those orders, shuffled (as
+//! recovery reads them from a parallel scan), and reports the time and the
+//! process's resident memory (Linux) before and after.
 
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use flashsale::domain::sale::{Sale, SaleSpec};
 use flashsale::domain::sale_book::{Reserved, SaleBook};
+use rand::seq::SliceRandom;
 use uuid::Uuid;
 
 fn main() {
@@ -39,15 +45,20 @@ fn main() {
         created_at: now,
         updated_at: now,
     };
-    let mut book = SaleBook::new(sale);
+    let restore = std::env::args().nth(2).as_deref() == Some("restore");
+    let mut book = SaleBook::new(sale.clone());
+    let mut made = Vec::new();
     let mut took: Vec<Duration> = Vec::with_capacity(orders);
     let started = Instant::now();
     for _ in 0..orders {
         let t = Instant::now();
         if let Ok(Reserved::New(order)) = book.reserve(Uuid::new_v4(), 1, None, now) {
             book.confirm(order.id);
+            took.push(t.elapsed());
+            if restore {
+                made.push(order);
+            }
         }
-        took.push(t.elapsed());
     }
     let total = started.elapsed();
     let slow: Vec<Duration> = took
@@ -64,4 +75,35 @@ fn main() {
         slow.len(),
         slow.iter().sum::<Duration>(),
     );
+    println!(
+        "resident memory with the book: {} MiB",
+        resident_mib("VmRSS")
+    );
+    if restore {
+        drop(book);
+        made.shuffle(&mut rand::thread_rng());
+        let before = resident_mib("VmRSS");
+        let started = Instant::now();
+        let book = SaleBook::restore(sale, made);
+        println!(
+            "restored {} orders in {:.2?}; resident memory {before} MiB before, {} MiB after, peak {} MiB",
+            book.orders_in_play(),
+            started.elapsed(),
+            resident_mib("VmRSS"),
+            resident_mib("VmHWM"),
+        );
+    }
+}
+
+/// A field of /proc/self/status, in MiB (0 where there is none).
+fn resident_mib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
 }

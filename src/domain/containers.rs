@@ -147,13 +147,15 @@ impl<T> Chunked<T> {
         self.len = self.chunks.iter().map(VecDeque::len).sum();
     }
 
-    /// Every element in order, leaving the sequence empty.
+    /// Every element in order, leaving the sequence empty. Each chunk is
+    /// freed as soon as it is copied, so the peak is one copy and a chunk.
     pub fn take_all(&mut self) -> Vec<T> {
+        let mut all = Vec::with_capacity(self.len);
+        for chunk in std::mem::take(&mut self.chunks) {
+            all.extend(chunk);
+        }
         self.len = 0;
-        std::mem::take(&mut self.chunks)
-            .into_iter()
-            .flatten()
-            .collect()
+        all
     }
 
     /// A sequence of `values`, in their order.
@@ -163,6 +165,13 @@ impl<T> Chunked<T> {
             out.push_back(v);
         }
         out
+    }
+
+    /// Whether `before` holds for every two neighbours, in order.
+    pub fn is_sorted_by(&self, mut before: impl FnMut(&T, &T) -> bool) -> bool {
+        self.iter()
+            .zip(self.iter().skip(1))
+            .all(|(a, b)| before(a, b))
     }
 }
 

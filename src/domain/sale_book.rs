@@ -316,22 +316,19 @@ impl Entries {
     /// parallel scan in no particular order, never finished). Of two
     /// entries with one id the later read wins, as an insert did.
     fn sort_restored(&mut self) {
-        let mut all = self.all.take_all();
-        if !all.is_sorted_by(|a, b| a.id < b.id) {
-            // A stable sort keeps the reading order among equal ids; each
-            // run of one id then keeps its last.
-            all.sort_by_key(|e| e.id);
-            let mut kept: Vec<Entry> = Vec::with_capacity(all.len());
-            for e in all.drain(..) {
-                match kept.last_mut() {
-                    Some(last) if last.id == e.id => *last = e,
-                    _ => kept.push(e),
-                }
-            }
-            all = kept;
-        }
-        self.all = Chunked::from_vec(all);
         self.gone = 0;
+        if self.all.is_sorted_by(|a, b| a.id < b.id) {
+            return;
+        }
+        let mut all = self.all.take_all();
+        // A stable sort keeps the reading order among equal ids; reversed,
+        // each run of one id starts with its last read, which `dedup`
+        // keeps, in place.
+        all.sort_by_key(|e| e.id);
+        all.reverse();
+        all.dedup_by_key(|e| e.id);
+        all.reverse();
+        self.all = Chunked::from_vec(all);
     }
 
     fn insert(&mut self, entry: Entry) {
