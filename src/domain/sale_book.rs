@@ -556,7 +556,7 @@ impl SaleBook {
 
     fn hold(&mut self, user_id: Uuid, quantity: u32) {
         self.remaining = self.remaining.saturating_sub(quantity);
-        *self.held_by.shard_of(&user_id).entry(user_id).or_insert(0) += quantity;
+        *self.held_by.entry(user_id).or_insert(0) += quantity;
     }
 
     fn unhold(&mut self, user_id: Uuid, quantity: u32) {
