@@ -277,21 +277,26 @@ impl SaleHandle {
 /// by a slow sweeper that asks PostgreSQL (`older_than`, `forget_stored`,
 /// every `orders.directory_evict_after_secs`). So the directory holds what
 /// the writers lag behind on, not every order ever made. Orders are behind `Arc` so that growing the map moves
-/// pointers, not orders, and so that a check can tell an entry replaced since.
+/// pointers, not orders, so that a check can tell an entry replaced since,
+/// and so that the stock actor shares one copy of a confirmed order between
+/// this directory and the buyer's answer. Hashed with foldhash: every durable
+/// order is inserted, looked up and removed here, and SipHash over its id
+/// was the larger part of that.
 #[derive(Default)]
 pub struct OrderDirectory {
-    by_id: DashMap<Uuid, (Arc<Order>, std::time::Instant)>,
-    by_user: DashMap<Uuid, Vec<Uuid>>,
+    by_id: DashMap<Uuid, (Arc<Order>, std::time::Instant), UuidHasher>,
+    by_user: DashMap<Uuid, Vec<Uuid>, UuidHasher>,
 }
 
+/// The directory's hasher: randomly seeded, so nobody picks colliding keys.
+type UuidHasher = foldhash::quality::RandomState;
+
 impl OrderDirectory {
-    pub fn upsert(&self, order: &Order) {
-        let entry = (Arc::new(order.clone()), std::time::Instant::now());
-        if self.by_id.insert(order.id, entry).is_none() {
-            self.by_user
-                .entry(order.user_id)
-                .or_default()
-                .push(order.id);
+    pub fn upsert(&self, order: Arc<Order>) {
+        let (id, user_id) = (order.id, order.user_id);
+        let entry = (order, std::time::Instant::now());
+        if self.by_id.insert(id, entry).is_none() {
+            self.by_user.entry(user_id).or_default().push(id);
         }
     }
 
@@ -517,8 +522,8 @@ mod tests {
             order(user, OrderStatus::Reserved),
             order(user, OrderStatus::Reserved),
         );
-        dir.upsert(&a);
-        dir.upsert(&b);
+        dir.upsert(Arc::new(a.clone()));
+        dir.upsert(Arc::new(b.clone()));
         assert!(dir
             .older_than(std::time::Duration::from_secs(60), 10)
             .is_empty());
@@ -526,10 +531,10 @@ mod tests {
         assert_eq!(seen.len(), 2);
         // `b` is paid after it was looked at: its entry is newer than what
         // PostgreSQL was found to hold, and stays.
-        dir.upsert(&Order {
+        dir.upsert(Arc::new(Order {
             status: OrderStatus::Paid,
             ..b.clone()
-        });
+        }));
         dir.forget_stored(&seen);
         assert_eq!(dir.len(), 1);
         assert_eq!(dir.get(a.id), None);

@@ -39,8 +39,9 @@ use crate::persistence::store::{SharedStore, StoreError};
 /// The answer to a purchase.
 #[derive(Debug)]
 pub enum PurchaseReply {
-    /// A new order, now durable (HTTP 201).
-    Created(Order),
+    /// A new order, now durable (HTTP 201): the copy the order directory
+    /// keeps too.
+    Created(Arc<Order>),
     /// The order this idempotency key made before, durable (HTTP 200).
     Replayed(Order),
     /// The order this idempotency key made before, settled and no longer
@@ -169,7 +170,9 @@ pub struct StockActor {
     snapshot_in_flight: bool,
     /// False while recovery drains the order log: nothing is decided.
     open: bool,
-    waiters: HashMap<Uuid, Vec<Waiter>>,
+    /// Who waits for each order's confirm: an insert and a removal per
+    /// durable purchase, hashed with foldhash rather than SipHash.
+    waiters: HashMap<Uuid, Vec<Waiter>, foldhash::quality::RandomState>,
     /// Where the publisher reports outcomes: made once, shared by every
     /// entry (a fresh `Recipient` per entry allocated on the hot path), and
     /// weak so that it does not keep the actor alive.
@@ -243,7 +246,7 @@ impl StockActor {
                 last_asked: std::time::Instant::now(),
                 snapshot_in_flight: false,
                 open,
-                waiters: HashMap::new(),
+                waiters: HashMap::default(),
                 settle_to: Arc::new(ctx.address().downgrade().recipient()),
             }
         })
@@ -315,7 +318,7 @@ impl StockActor {
     }
 
     /// Answers everyone waiting on order `id` (`order`: as now confirmed).
-    fn answer(&mut self, id: Uuid, order: Option<&Order>, outcome: Outcome) {
+    fn answer(&mut self, id: Uuid, order: Option<&Arc<Order>>, outcome: Outcome) {
         let Some(waiters) = self.waiters.remove(&id) else {
             return;
         };
@@ -325,12 +328,12 @@ impl StockActor {
                     let _ = reply.send(if original {
                         PurchaseReply::Created(o.clone())
                     } else {
-                        PurchaseReply::Replayed(o.clone())
+                        PurchaseReply::Replayed(o.as_ref().clone())
                     });
                 }
                 (Waiter::Action { reply, changed }, Some(o), Outcome::Confirmed) => {
                     let _ = reply.send(ActionReply::Done {
-                        order: o.clone(),
+                        order: o.as_ref().clone(),
                         changed,
                     });
                 }
@@ -618,9 +621,9 @@ impl Handler<Settled> for StockActor {
     fn handle(&mut self, msg: Settled, _: &mut Self::Context) {
         self.shared.messages_handled.fetch_add(1, Ordering::Relaxed);
         for id in msg.confirmed {
-            let order = self.book.confirm(id);
+            let order = self.book.confirm(id).map(Arc::new);
             if let (Some(order), false) = (&order, msg.stored) {
-                self.registry.orders.upsert(order);
+                self.registry.orders.upsert(order.clone());
             }
             self.answer(id, order.as_ref(), Outcome::Confirmed);
         }
