@@ -35,7 +35,10 @@ CONNECTIONS=${BENCH_CONNECTIONS:-64}
 # 2-core benchmark machine (services mode, 16 s runs, two rounds alternated):
 # 256 connections left 32% of the machine idle (0.24 of /healthz, p99 13 ms);
 # 512: 20-22% idle, 0.32-0.34, p99 17-18 ms; 640: 12-18% idle, 0.36-0.37,
-# p99 19-20 ms; 768: 9-13% idle, 0.37, p99 21 ms.
+# p99 19-20 ms; 768: 9-13% idle, 0.37, p99 21 ms. The full 30 s run, with
+# its samplers, has a longer tail: at 768, p99 24.4 ms on a fast day and
+# 29-31 ms when the machine ran a tenth to a fifth slower (one run at 640
+# then: 46 ms, with a stall), so the tail follows the machine's speed.
 RESERVE_CONNECTIONS=${BENCH_RESERVE_CONNECTIONS:-768}
 THREADS=${BENCH_THREADS:-1}
 PORT=18080
