@@ -23,6 +23,8 @@
 # Markdown report under load-tests/reports/.
 # Every run is bounded: BENCH_SECONDS (default 10) per ceiling/rejection run,
 # BENCH_RESERVE_SECONDS (default 30) for the reservation run.
+# load-tests/ab.sh runs steps 1-3 once per variant of the configuration, to
+# compare throughput knobs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +40,15 @@ CONNECTIONS=${BENCH_CONNECTIONS:-64}
 # p99 19-20 ms; 768: 9-13% idle, 0.37, p99 21 ms. The full 30 s run, with
 # its samplers, has a longer tail: at 768, p99 24.4 ms on a fast day and
 # 29-31 ms when the machine ran a tenth to a fifth slower (one run at 640
-# then: 46 ms, with a stall), so the tail follows the machine's speed.
+# then: 46 ms, with a stall), so the tail follows the machine's speed. On a
+# day when the machine ran at about half that speed (load-tests/ab.sh,
+# three alternated rounds, 16 s runs): 768 connections 0.29-0.36 of
+# /healthz, p99 54-78 ms; 512 (rabbitmq.batch_max_delay_us 1000) 0.28-0.31,
+# p99 37-39 ms; 256 0.26-0.27, p99 21-75 ms (one stall), at a delay of
+# 1000 0.24-0.27, p99 20-24 ms, at 500 0.21-0.32, p99 20-32 ms (six
+# runs). The delay matters little at 256; the p99 is about twice the
+# connections over the rate: a slower machine needs fewer connections for
+# the same tail, at a similar ratio.
 RESERVE_CONNECTIONS=${BENCH_RESERVE_CONNECTIONS:-768}
 THREADS=${BENCH_THREADS:-1}
 PORT=18080
@@ -78,7 +88,13 @@ TOKENS=$(( SECONDS_RESERVE * 90000 ))
 [ "$TOKENS" -ge "$BIG_UNITS" ] || TOKENS=$BIG_UNITS
 # Step 7 takes its three runs' buyers from the first 2,500,000.
 [ "$TOKENS" -ge 2500000 ] || TOKENS=2500000
-target/release/flashsale-mint --config load-tests/bench.toml --count "$TOKENS" --out "$WORK/tokens.txt"
+# BENCH_TOKENS: a file of at least that many tokens minted in the last hour
+# (load-tests/ab.sh mints once for all its runs); otherwise minted here.
+if [ -n "${BENCH_TOKENS:-}" ] && [ "$(wc -l < "$BENCH_TOKENS")" -ge "$TOKENS" ]; then
+  ln -s "$(realpath "$BENCH_TOKENS")" "$WORK/tokens.txt"
+else
+  target/release/flashsale-mint --config load-tests/bench.toml --count "$TOKENS" --out "$WORK/tokens.txt"
+fi
 head -n 20000 "$WORK/tokens.txt" > "$WORK/few-tokens.txt"
 
 sale() { # stock limit
