@@ -515,6 +515,7 @@ fn serve(settings: &Settings, state: web::Data<AppState>) -> Result<(Server, u16
             .app_data(state.clone())
             .app_data(limit)
             .app_data(http::auth::TokenCache::new(token_cache))
+            .app_data(http::purchases::PurchaseOutbox::default())
             .configure(|cfg| http::routes(cfg, webhook))
             .wrap_fn(http::edge_guard)
             .wrap_fn(http::request_context)

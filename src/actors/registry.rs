@@ -251,6 +251,24 @@ impl SaleHandle {
         })
     }
 
+    /// Hands `msg`, whose purchases each took their mailbox slot already
+    /// (`SaleShared::admit`), to the actor; the message comes back when it
+    /// could not be handed over, with the reason.
+    pub fn send_admitted<M>(&self, msg: M) -> Result<(), (SendRefused, M)>
+    where
+        M: actix::Message<Result = ()> + Send + 'static,
+        StockActor: actix::Handler<M>,
+    {
+        let guard = self.slot();
+        let Some(addr) = guard.as_ref() else {
+            return Err((SendRefused::Stopped, msg));
+        };
+        addr.clone().try_send(msg).map_err(|e| match e {
+            actix::prelude::SendError::Full(m) => (SendRefused::MailboxFull, m),
+            actix::prelude::SendError::Closed(m) => (SendRefused::Stopped, m),
+        })
+    }
+
     /// The actor, about to stop, lets go of its address unless a purchase or
     /// an action is waiting in its mailbox. True when it let go.
     pub(super) fn detach_if_idle(&self) -> bool {

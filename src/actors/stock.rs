@@ -70,6 +70,13 @@ pub struct Reserve {
     pub span: tracing::Span,
 }
 
+/// The purchases of one sale that an HTTP worker took in during one turn of
+/// its event loop, handed over together: the pipeline thread is woken once
+/// for them, not once each. Each took its mailbox slot on its own.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReserveBatch(pub Vec<Reserve>);
+
 /// The answer to a payment or cancellation.
 #[derive(Debug)]
 pub enum ActionReply {
@@ -539,6 +546,16 @@ impl Handler<Reserve> for StockActor {
                 }
                 self.changed();
             }
+        }
+    }
+}
+
+impl Handler<ReserveBatch> for StockActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReserveBatch, ctx: &mut Self::Context) {
+        for reserve in msg.0 {
+            <Self as Handler<Reserve>>::handle(self, reserve, ctx);
         }
     }
 }

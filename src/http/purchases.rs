@@ -5,6 +5,8 @@
 //! handler then waits for the order log to make the order durable; only then
 //! does it answer 201.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use actix_web::dev::Payload;
@@ -21,8 +23,10 @@ use super::error::{ApiError, Problem};
 use super::json::{is_json, parse_json, read_body};
 use super::sales::sale_id;
 use super::AppState;
-use crate::actors::registry::{KeyCheck, KeyUse, SaleHandle, SendRefused};
-use crate::actors::stock::{ActionReply, OrderAction, PurchaseReply, Reserve, StockActor};
+use crate::actors::registry::{KeyCheck, KeyUse, SaleHandle, SaleRegistry, SendRefused};
+use crate::actors::stock::{
+    ActionReply, OrderAction, PurchaseReply, Reserve, ReserveBatch, StockActor,
+};
 use crate::domain::order::{Order, OrderStatus};
 use crate::domain::sale_book::{settled_answer, Action, ActionRefused, Rejection};
 use crate::domain::ValidationError;
@@ -162,7 +166,13 @@ pub async fn purchase(
         reason: "the order could not be made durable in time; it may still appear in your orders",
         retry_after_secs,
     };
-    let asked = ask(state, &handle, msg, rx).await;
+    let asked = match req.app_data::<PurchaseOutbox>() {
+        Some(outbox) => {
+            let claimed = claimed.is_some();
+            hand_over(state, outbox, &handle, sale, claimed, msg, rx).await
+        }
+        None => ask(state, &handle, msg, rx).await,
+    };
     if let (Err(_), Some(k)) = (&asked, &claimed) {
         // Never reached the actor: the claim made no order.
         state.registry.keys.release(user, k, sale);
@@ -183,6 +193,104 @@ pub async fn purchase(
         PurchaseReply::Overloaded => Err(ApiError::Overloaded { retry_after_secs }),
         PurchaseReply::Unavailable => Err(unavailable),
     }
+}
+
+/// Purchases this HTTP worker took in and has not handed to their stock
+/// actors yet. One per worker (built in the `App` factory), so it needs no
+/// lock. The first purchase of a turn of the worker's event loop spawns a
+/// task that runs after the turn's other ready tasks and hands each sale's
+/// purchases to its actor in one message (`ReserveBatch`): the pipeline
+/// thread wakes once for them, not once for each.
+#[derive(Clone, Default)]
+pub struct PurchaseOutbox(Rc<RefCell<Vec<Outgoing>>>);
+
+/// A purchase on its way to its sale's actor; it holds a mailbox slot.
+struct Outgoing {
+    handle: Arc<SaleHandle>,
+    sale: Uuid,
+    /// This purchase claimed its idempotency key (released if it never
+    /// reaches the actor).
+    claimed: bool,
+    reserve: Reserve,
+}
+
+impl PurchaseOutbox {
+    fn push(&self, registry: &Arc<SaleRegistry>, outgoing: Outgoing) {
+        let first = {
+            let mut pending = self.0.borrow_mut();
+            pending.push(outgoing);
+            pending.len() == 1
+        };
+        if first {
+            let (outbox, registry) = (self.clone(), registry.clone());
+            actix_web::rt::spawn(async move { outbox.flush(&registry) });
+        }
+    }
+
+    /// Hands everything pending over, one message per sale, in the order
+    /// taken in; a purchase that cannot be handed over is answered at once.
+    fn flush(&self, registry: &SaleRegistry) {
+        let mut pending = std::mem::take(&mut *self.0.borrow_mut());
+        while let Some(first) = pending.first() {
+            let handle = first.handle.clone();
+            let (of_sale, rest): (Vec<_>, Vec<_>) = pending
+                .into_iter()
+                .partition(|o| Arc::ptr_eq(&o.handle, &handle));
+            pending = rest;
+            let sale = of_sale[0].sale;
+            let claimed: Vec<bool> = of_sale.iter().map(|o| o.claimed).collect();
+            let reserves = of_sale.into_iter().map(|o| o.reserve).collect();
+            let Err((refused, ReserveBatch(reserves))) =
+                handle.send_admitted(ReserveBatch(reserves))
+            else {
+                continue;
+            };
+            let full = matches!(refused, SendRefused::MailboxFull);
+            for (reserve, claimed) in reserves.into_iter().zip(claimed) {
+                handle.shared.leave();
+                if let (true, Some(k)) = (claimed, &reserve.idempotency_key) {
+                    registry.keys.release(reserve.user_id, k, sale);
+                }
+                let _ = reserve.reply.send(if full {
+                    PurchaseReply::Overloaded
+                } else {
+                    PurchaseReply::Unavailable
+                });
+            }
+        }
+    }
+}
+
+/// Takes a mailbox slot for `msg` and leaves it in the worker's outbox, then
+/// waits for the answer as `ask` does.
+async fn hand_over(
+    state: &AppState,
+    outbox: &PurchaseOutbox,
+    handle: &Arc<SaleHandle>,
+    sale: Uuid,
+    claimed: bool,
+    msg: Reserve,
+    reply: oneshot::Receiver<PurchaseReply>,
+) -> Result<Option<PurchaseReply>, ApiError> {
+    if !handle.is_running() {
+        state.running_actor(handle).await?;
+    }
+    if !handle.shared.admit() {
+        return Err(ApiError::Overloaded {
+            retry_after_secs: state.retry_after_secs,
+        });
+    }
+    let outgoing = Outgoing {
+        handle: handle.clone(),
+        sale,
+        claimed,
+        reserve: msg,
+    };
+    outbox.push(&state.registry, outgoing);
+    Ok(tokio::time::timeout(state.confirm_timeout, reply)
+        .await
+        .ok()
+        .and_then(Result::ok))
 }
 
 /// Hands `msg` to the sale's actor within its mailbox bound and waits, up to
