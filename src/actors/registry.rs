@@ -251,6 +251,16 @@ impl SaleHandle {
         })
     }
 
+    /// A handle whose actor is gone (for tests of what its senders do).
+    #[cfg(test)]
+    pub(crate) fn detached(shared: Arc<SaleShared>) -> Self {
+        SaleHandle {
+            addr: RwLock::new(None),
+            shared,
+            waking: Default::default(),
+        }
+    }
+
     /// Hands `msg`, whose purchases each took their mailbox slot already
     /// (`SaleShared::admit`), to the actor; the message comes back when it
     /// could not be handed over, with the reason.

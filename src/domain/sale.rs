@@ -304,13 +304,11 @@ impl SaleView {
     }
 }
 
+/// A valid spec for tests: 100 units at 99.00 EUR, one per buyer, on sale
+/// from now for an hour.
 #[cfg(test)]
-mod tests {
-    use chrono::Duration;
-
-    use super::*;
-
-    fn spec() -> SaleSpec {
+impl SaleSpec {
+    pub(crate) fn example() -> Self {
         let now = Utc::now();
         SaleSpec {
             name: "Phones".into(),
@@ -320,9 +318,20 @@ mod tests {
             stock_total: 100,
             per_user_limit: 1,
             starts_at: now,
-            ends_at: now + Duration::hours(1),
+            ends_at: now + chrono::Duration::hours(1),
             reservation_ttl_secs: 600,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Duration;
+
+    use super::*;
+
+    fn spec() -> SaleSpec {
+        SaleSpec::example()
     }
 
     fn field_of(spec: &SaleSpec) -> Option<String> {

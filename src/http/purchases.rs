@@ -23,7 +23,7 @@ use super::error::{ApiError, Problem};
 use super::json::{is_json, parse_json, read_body};
 use super::sales::sale_id;
 use super::AppState;
-use crate::actors::registry::{KeyCheck, KeyUse, SaleHandle, SaleRegistry, SendRefused};
+use crate::actors::registry::{KeyCheck, KeyIndex, KeyUse, SaleHandle, SaleRegistry, SendRefused};
 use crate::actors::stock::{
     ActionReply, OrderAction, PurchaseReply, Reserve, ReserveBatch, StockActor,
 };
@@ -223,13 +223,13 @@ impl PurchaseOutbox {
         };
         if first {
             let (outbox, registry) = (self.clone(), registry.clone());
-            actix_web::rt::spawn(async move { outbox.flush(&registry) });
+            actix_web::rt::spawn(async move { outbox.flush(&registry.keys) });
         }
     }
 
     /// Hands everything pending over, one message per sale, in the order
     /// taken in; a purchase that cannot be handed over is answered at once.
-    fn flush(&self, registry: &SaleRegistry) {
+    fn flush(&self, keys: &KeyIndex) {
         let mut pending = std::mem::take(&mut *self.0.borrow_mut());
         while let Some(first) = pending.first() {
             let handle = first.handle.clone();
@@ -249,7 +249,7 @@ impl PurchaseOutbox {
             for (reserve, claimed) in reserves.into_iter().zip(claimed) {
                 handle.shared.leave();
                 if let (true, Some(k)) = (claimed, &reserve.idempotency_key) {
-                    registry.keys.release(reserve.user_id, k, sale);
+                    keys.release(reserve.user_id, k, sale);
                 }
                 let _ = reserve.reply.send(if full {
                     PurchaseReply::Overloaded
@@ -545,4 +545,75 @@ pub async fn cancel(
     let order = owned_order(&state, shopper.user_id, &path).await?;
     let (order, _) = act(&state, &order, Action::Cancel).await?;
     Ok(HttpResponse::Ok().json(order))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::registry::SaleShared;
+    use crate::domain::sale::{Sale, SaleSpec};
+    use crate::domain::sale_book::SaleBook;
+
+    fn sale() -> Sale {
+        let now = Utc::now();
+        Sale {
+            id: Uuid::now_v7(),
+            spec: SaleSpec::example(),
+            paused: false,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Purchases whose actor is gone by the time the outbox hands them over
+    /// are answered at once, give their mailbox slots back and let go of
+    /// the idempotency keys they claimed (and only those).
+    #[actix_web::test]
+    async fn a_batch_its_actor_cannot_take_is_answered_and_gives_back_slots_and_claims() {
+        let sale = sale();
+        let shared = Arc::new(SaleShared::new(
+            &SaleBook::new(sale.clone()),
+            8,
+            Default::default(),
+        ));
+        let handle = Arc::new(SaleHandle::detached(shared.clone()));
+        let keys = KeyIndex::default();
+        let outbox = PurchaseOutbox::default();
+        let wanted = KeyUse {
+            sale: sale.id,
+            quantity: 1,
+        };
+        let (claimer, replayer) = (Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(keys.claim(claimer, "k", wanted), KeyCheck::New);
+        assert_eq!(keys.claim(replayer, "k", wanted), KeyCheck::New);
+        let mut answers = Vec::new();
+        for (user, claimed) in [(claimer, true), (replayer, false)] {
+            assert!(shared.admit());
+            let (tx, rx) = oneshot::channel();
+            answers.push(rx);
+            outbox.0.borrow_mut().push(Outgoing {
+                handle: handle.clone(),
+                sale: sale.id,
+                claimed,
+                reserve: Reserve {
+                    user_id: user,
+                    quantity: 1,
+                    idempotency_key: Some("k".into()),
+                    reply: tx,
+                    span: tracing::Span::none(),
+                },
+            });
+        }
+        assert_eq!(shared.mailbox_depth(), 2);
+        outbox.flush(&keys);
+        for rx in answers {
+            assert!(matches!(rx.await, Ok(PurchaseReply::Unavailable)));
+        }
+        assert_eq!(shared.mailbox_depth(), 0);
+        assert!(outbox.0.borrow().is_empty());
+        // The claimer's key is free again; the replayer's claim (made by
+        // an earlier purchase) stays.
+        assert_eq!(keys.check(claimer, "k", wanted), KeyCheck::New);
+        assert_eq!(keys.check(replayer, "k", wanted), KeyCheck::Same);
+    }
 }
