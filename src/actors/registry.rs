@@ -228,26 +228,12 @@ impl SaleHandle {
         M: actix::Message<Result = ()> + Send + 'static,
         StockActor: actix::Handler<M>,
     {
-        // Held across the send: an idle actor detaches only while no
-        // message is on its way to it (`detach_if_idle`).
-        let guard = self.slot();
-        let Some(addr) = guard.as_ref() else {
-            return Err(SendRefused::Stopped);
-        };
         if !self.shared.admit() {
             return Err(SendRefused::MailboxFull);
         }
-        // A sender of its own for this one message: a shared one would be
-        // parked by actix whenever the mailbox (which also holds `Settled`
-        // messages) reached its capacity, refusing purchases the bound above
-        // admitted. Cloning here, not in `SaleRegistry::get`, keeps the
-        // answers that never reach the actor free of it.
-        addr.clone().try_send(msg).map_err(|e| {
+        self.send_admitted(msg).map_err(|(refused, _)| {
             self.shared.leave();
-            match e {
-                actix::prelude::SendError::Full(_) => SendRefused::MailboxFull,
-                actix::prelude::SendError::Closed(_) => SendRefused::Stopped,
-            }
+            refused
         })
     }
 
@@ -263,7 +249,9 @@ impl SaleHandle {
 
     /// Hands `msg`, whose purchases each took their mailbox slot already
     /// (`SaleShared::admit`), to the actor; the message comes back when it
-    /// could not be handed over, with the reason.
+    /// could not be handed over, with the reason. The slot is taken before
+    /// the address is read: an idle actor detaches only while no message
+    /// holds a slot (`detach_if_idle`).
     pub fn send_admitted<M>(&self, msg: M) -> Result<(), (SendRefused, M)>
     where
         M: actix::Message<Result = ()> + Send + 'static,
@@ -273,6 +261,11 @@ impl SaleHandle {
         let Some(addr) = guard.as_ref() else {
             return Err((SendRefused::Stopped, msg));
         };
+        // A sender of its own for this one message: a shared one would be
+        // parked by actix whenever the mailbox (which also holds `Settled`
+        // messages) reached its capacity, refusing purchases the bound
+        // admitted. Cloning here, not in `SaleRegistry::get`, keeps the
+        // answers that never reach the actor free of it.
         addr.clone().try_send(msg).map_err(|e| match e {
             actix::prelude::SendError::Full(m) => (SendRefused::MailboxFull, m),
             actix::prelude::SendError::Closed(m) => (SendRefused::Stopped, m),

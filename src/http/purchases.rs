@@ -111,6 +111,9 @@ pub async fn purchase(
     payload: &mut Payload,
 ) -> Result<HttpResponse, ApiError> {
     let sale = sale_id(raw_id)?;
+    let outbox = req
+        .app_data::<PurchaseOutbox>()
+        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("purchase outbox missing")))?;
     state
         .limits
         .check_user(shopper.user_id)
@@ -166,13 +169,7 @@ pub async fn purchase(
         reason: "the order could not be made durable in time; it may still appear in your orders",
         retry_after_secs,
     };
-    let asked = match req.app_data::<PurchaseOutbox>() {
-        Some(outbox) => {
-            let claimed = claimed.is_some();
-            hand_over(state, outbox, &handle, sale, claimed, msg, rx).await
-        }
-        None => ask(state, &handle, msg, rx).await,
-    };
+    let asked = hand_over(state, outbox, &handle, claimed.is_some(), msg, rx).await;
     if let (Err(_), Some(k)) = (&asked, &claimed) {
         // Never reached the actor: the claim made no order.
         state.registry.keys.release(user, k, sale);
@@ -207,7 +204,6 @@ pub struct PurchaseOutbox(Rc<RefCell<Vec<Outgoing>>>);
 /// A purchase on its way to its sale's actor; it holds a mailbox slot.
 struct Outgoing {
     handle: Arc<SaleHandle>,
-    sale: Uuid,
     /// This purchase claimed its idempotency key (released if it never
     /// reaches the actor).
     claimed: bool,
@@ -237,7 +233,6 @@ impl PurchaseOutbox {
                 .into_iter()
                 .partition(|o| Arc::ptr_eq(&o.handle, &handle));
             pending = rest;
-            let sale = of_sale[0].sale;
             let claimed: Vec<bool> = of_sale.iter().map(|o| o.claimed).collect();
             let reserves = of_sale.into_iter().map(|o| o.reserve).collect();
             let Err((refused, ReserveBatch(reserves))) =
@@ -246,6 +241,7 @@ impl PurchaseOutbox {
                 continue;
             };
             let full = matches!(refused, SendRefused::MailboxFull);
+            let sale = handle.shared.sale().id;
             for (reserve, claimed) in reserves.into_iter().zip(claimed) {
                 handle.shared.leave();
                 if let (true, Some(k)) = (claimed, &reserve.idempotency_key) {
@@ -267,14 +263,11 @@ async fn hand_over(
     state: &AppState,
     outbox: &PurchaseOutbox,
     handle: &Arc<SaleHandle>,
-    sale: Uuid,
     claimed: bool,
     msg: Reserve,
     reply: oneshot::Receiver<PurchaseReply>,
 ) -> Result<Option<PurchaseReply>, ApiError> {
-    if !handle.is_running() {
-        state.running_actor(handle).await?;
-    }
+    ensure_running(state, handle).await?;
     if !handle.shared.admit() {
         return Err(ApiError::Overloaded {
             retry_after_secs: state.retry_after_secs,
@@ -282,15 +275,11 @@ async fn hand_over(
     }
     let outgoing = Outgoing {
         handle: handle.clone(),
-        sale,
         claimed,
         reserve: msg,
     };
     outbox.push(&state.registry, outgoing);
-    Ok(tokio::time::timeout(state.confirm_timeout, reply)
-        .await
-        .ok()
-        .and_then(Result::ok))
+    Ok(answer_in_time(state, reply).await)
 }
 
 /// Hands `msg` to the sale's actor within its mailbox bound and waits, up to
@@ -307,9 +296,7 @@ where
     StockActor: actix::Handler<M>,
 {
     let retry_after_secs = state.retry_after_secs;
-    if !handle.is_running() {
-        state.running_actor(handle).await?;
-    }
+    ensure_running(state, handle).await?;
     handle.send_bounded(msg).map_err(|refused| match refused {
         SendRefused::MailboxFull => ApiError::Overloaded { retry_after_secs },
         SendRefused::Stopped => ApiError::Unavailable {
@@ -317,10 +304,23 @@ where
             retry_after_secs,
         },
     })?;
-    Ok(tokio::time::timeout(state.confirm_timeout, reply)
+    Ok(answer_in_time(state, reply).await)
+}
+
+/// Starts the sale's actor again if it stopped while idle.
+async fn ensure_running(state: &AppState, handle: &Arc<SaleHandle>) -> Result<(), ApiError> {
+    if !handle.is_running() {
+        state.running_actor(handle).await?;
+    }
+    Ok(())
+}
+
+/// The actor's answer, if it comes within `orders.confirm_timeout_ms`.
+async fn answer_in_time<R>(state: &AppState, reply: oneshot::Receiver<R>) -> Option<R> {
+    tokio::time::timeout(state.confirm_timeout, reply)
         .await
         .ok()
-        .and_then(Result::ok))
+        .and_then(Result::ok)
 }
 
 /// Ids that are not UUIDs name no order.
@@ -593,7 +593,6 @@ mod tests {
             answers.push(rx);
             outbox.0.borrow_mut().push(Outgoing {
                 handle: handle.clone(),
-                sale: sale.id,
                 claimed,
                 reserve: Reserve {
                     user_id: user,
