@@ -5,6 +5,7 @@
 #   1. GET /healthz                       (the ceiling)
 #   2. purchases on a sold-out sale       (the hot "no")
 #   3. durable reservations, ample stock, a distinct buyer per request
+#      (in services mode also at other connection counts, shorter)
 # then checks that the store holds every order answered 201
 # (BENCH_CORE_ONLY=1 stops here and prints this part); then, in services
 # mode, on a
@@ -32,24 +33,26 @@ SECONDS_SHORT=${BENCH_SECONDS:-10}
 SECONDS_RESERVE=${BENCH_RESERVE_SECONDS:-30}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 # Each reservation waits for its batch's confirm (a few ms), so reaching a
-# high rate takes more requests in flight (Little's law): the most a shop's
-# crowd gets from the machine with the p99 of its 201s within 25 ms. On the
-# 2-core benchmark machine (services mode, 16 s runs, two rounds alternated):
-# 256 connections left 32% of the machine idle (0.24 of /healthz, p99 13 ms);
-# 512: 20-22% idle, 0.32-0.34, p99 17-18 ms; 640: 12-18% idle, 0.36-0.37,
-# p99 19-20 ms; 768: 9-13% idle, 0.37, p99 21 ms. The full 30 s run, with
-# its samplers, has a longer tail: at 768, p99 24.4 ms on a fast day and
-# 29-31 ms when the machine ran a tenth to a fifth slower (one run at 640
-# then: 46 ms, with a stall), so the tail follows the machine's speed. On a
-# day when the machine ran at about half that speed (load-tests/ab.sh,
-# three alternated rounds, 16 s runs): 768 connections 0.29-0.36 of
-# /healthz, p99 54-78 ms; 512 (rabbitmq.batch_max_delay_us 1000) 0.28-0.31,
-# p99 37-39 ms; 256 0.26-0.27, p99 21-75 ms (one stall), at a delay of
-# 1000 0.24-0.27, p99 20-24 ms, at 500 0.21-0.32, p99 20-32 ms (six
-# runs). The delay matters little at 256; the p99 is about twice the
-# connections over the rate: a slower machine needs fewer connections for
-# the same tail, at a similar ratio.
-RESERVE_CONNECTIONS=${BENCH_RESERVE_CONNECTIONS:-768}
+# high rate takes more requests in flight (Little's law), and past the
+# machine's capacity more connections only lengthen the queue: the p99 of
+# the 201s is about twice the connections over the rate. The default is the
+# crowd that gets the most from the machine with that p99 within 25 ms.
+# Measured with load-tests/ab.sh (three alternated rounds of 16 s runs,
+# services mode, 2-core benchmark machine, one session): 320 connections
+# 0.32-0.39 of /healthz (median 0.37), p99 21-25 ms; 384: 0.31-0.44
+# (0.35), p99 26-30 ms; 768: 0.33-0.43 (0.37), p99 43-54 ms. Earlier
+# sessions: on a fast day 768 gave 0.37 with p99 21-24 ms; on a day when
+# the machine ran at about half that speed, 768 gave 0.29-0.36 with p99
+# 54-78 ms and 256 gave 0.24-0.27 with p99 20-24 ms. So the tail follows
+# the machine's speed over the connections, and the rate does not grow
+# past a few hundred.
+RESERVE_CONNECTIONS=${BENCH_RESERVE_CONNECTIONS:-320}
+# The crowd's size against the tail, in services mode: after the main
+# reservation run, shorter runs (BENCH_SWEEP_SECONDS, default 10) at each of
+# BENCH_SWEEP_CONNECTIONS, each on a sale of its own so that the same buyers
+# buy again. Empty: none (load-tests/ab.sh skips them).
+SWEEP_CONNECTIONS=${BENCH_SWEEP_CONNECTIONS-128 256 512 768}
+SWEEP_SECONDS=${BENCH_SWEEP_SECONDS:-10}
 THREADS=${BENCH_THREADS:-1}
 PORT=18080
 BASE="http://127.0.0.1:$PORT"
@@ -110,6 +113,7 @@ run_wrk() { # name seconds connections script-args...
 }
 field() { grep -E "^$2" "$WORK/$1.out" | awk '{print $NF}' | head -n1; }
 rps() { grep -E '^Requests/sec' "$WORK/$1.out" | awk '{print $2}'; }
+non2xx() { awk '/Non-2xx/ {n=$NF} END {print n+0}' "$WORK/$1.out"; }
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 
 # Per-process CPU during the busy part of a reservation run, as % of one
@@ -210,6 +214,12 @@ core_runs() { # embedded | services
   # reservation run is nearly all of it).
   curl -sf "$BASE/metrics" > "$WORK/$m-metrics.txt" || true
   PIPELINE[$m]=$(pipeline_line "$WORK/$m-metrics.txt")
+  if [ "$m" = services ]; then
+    for c in $SWEEP_CONNECTIONS; do
+      echo "== $m: reserve, $c connections"
+      run_wrk "$m-sweep-$c" "$SWEEP_SECONDS" "$c" -s load-tests/wrk/reserve.lua "$BASE" -- "/api/v1/sales/$(sale 10000000 1)/purchases" "$WORK/tokens.txt"
+    done
+  fi
   # A graceful stop (services: the writers drain the log); then the store
   # must hold every 201.
   stop_server
@@ -254,6 +264,18 @@ core_report() {
     echo "- Order log: ${PIPELINE[$m]}."
     echo "- Rejection p99 over /healthz p99: $(ratio "$(field "$m-soldout" p99_ms)" "$(field "$m-healthz" p99_ms)")."
     echo "- Sold-out check run (3 s, 20,000 rotating buyers, $(rps "$m-soldout-count") req/s with wrk's per-request Lua): ${SOLDOUT_409[$m]:-0} answers 409, ${SOLDOUT_OTHER[$m]} others."
+    if [ "$m" = services ] && [ -n "$SWEEP_CONNECTIONS" ]; then
+      echo "- The crowd's size: the main run, then runs of $SWEEP_SECONDS s after it, each on a sale of its own (with the main run's orders still in memory and in PostgreSQL); ratios to this mode's /healthz:"
+      echo
+      echo "  | connections | seconds | 201/s | ratio | p50 ms | p99 ms | not 2xx |"
+      echo "  | --- | --- | --- | --- | --- | --- | --- |"
+      echo "  | $RESERVE_CONNECTIONS (main run) | $SECONDS_RESERVE | $r201 | $(ratio "$r201" "$mh") | $(field "$m-reserve" p50_ms) | $(field "$m-reserve" p99_ms) | ${RESERVE_NON2XX[$m]} |"
+      for c in $SWEEP_CONNECTIONS; do
+        local ok=$(( ($(field "$m-sweep-$c" requests) - $(non2xx "$m-sweep-$c")) / SWEEP_SECONDS ))
+        echo "  | $c | $SWEEP_SECONDS | $ok | $(ratio "$ok" "$mh") | $(field "$m-sweep-$c" p50_ms) | $(field "$m-sweep-$c" p99_ms) | $(non2xx "$m-sweep-$c") |"
+      done
+      echo
+    fi
     [ "$m" = services ] && echo "- Order queue depth during the reservation run (the server's \`flashsale_order_queue_depth\`, sampled every 2 s): max ${DEPTH_MAX[$m]}, last ${DEPTH_LAST[$m]}."
     echo "- Server resident memory peak: $(( ${RSS_PEAK[$m]:-0} / 1024 )) MiB."
     echo "- GET /admin/v1/actors polled every second during the reservation run: ${POLLS[$m]} polls, slowest ${POLL_MAX[$m]} s."
@@ -381,14 +403,13 @@ run_wrk live-sellout 5 "$RESERVE_CONNECTIONS" -s load-tests/wrk/reserve.lua "$BA
 sleep 3
 kill -TERM $SSE_PID 2>/dev/null || true; wait $SSE_PID 2>/dev/null || true
 stop_server
-live_201() { local t n; t=$(field "$1" requests); n=$(awk '/Non-2xx/ {print $NF}' "$WORK/$1.out" | head -n1); python3 -c "print(round((${t:-0} - ${n:-0}) / $STREAM_SECONDS))"; }
+live_201() { local t; t=$(field "$1" requests); python3 -c "print(round((${t:-0} - $(non2xx "$1")) / $STREAM_SECONDS))"; }
 LIVE_R0=$(live_201 live-without); LIVE_R1=$(live_201 live-with)
 STREAM_SUMMARY=$(python3 -c "
 import json
 s = json.load(open('$WORK/streams.json'))
 lag = lambda v: 'n/a' if v is None else f'{v:.2f} s'
 print(f\"{s['saw_sold_out']} of {s['requested']} streams showed the sale sold out (max {lag(s['max_lag_s'])}, median {lag(s['median_lag_s'])} after GET /api/v1/sales/{{id}} first said so); {s['errors']} failed to open; {s['events']} events read in all\")")
-non2xx() { awk '/Non-2xx/ {print $NF}' "$WORK/$1.out"; }
 
 # The later steps run in services mode; their ratios are to its /healthz.
 H=$(rps services-healthz)
