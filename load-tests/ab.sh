@@ -57,7 +57,7 @@ for round in $(seq 1 "$ROUNDS"); do
     vars=()
     [ "$name" = "$variant" ] || IFS=, read -r -a vars <<< "${variant#*:}"
     report="$OUT/$name-$round.md"
-    env BENCH_SWEEP_CONNECTIONS= "${vars[@]}" BENCH_CORE_ONLY=1 BENCH_MODES=services BENCH_TOKENS="$OUT/tokens.txt" \
+    env BENCH_SWEEP_CONNECTIONS= BENCH_PAIRS=0 "${vars[@]}" BENCH_CORE_ONLY=1 BENCH_MODES=services BENCH_TOKENS="$OUT/tokens.txt" \
       BENCH_SECONDS="${AB_HEALTHZ_SECONDS:-5}" BENCH_RESERVE_SECONDS="$SECS" \
       load-tests/bench.sh > "$OUT/$name-$round.log" 2>&1 || true
     sed -n '/^Each storage mode/,$p' "$OUT/$name-$round.log" > "$report"

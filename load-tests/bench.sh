@@ -5,7 +5,8 @@
 #   1. GET /healthz                       (the ceiling)
 #   2. purchases on a sold-out sale       (the hot "no")
 #   3. durable reservations, ample stock, a distinct buyer per request
-#      (in services mode also at other connection counts, shorter)
+#      then, against the machine's drift, short pairs of /healthz and
+#      reservations; in services mode also other connection counts
 # then checks that the store holds every order answered 201
 # (BENCH_CORE_ONLY=1 stops here and prints this part); then, in services
 # mode, on a
@@ -53,6 +54,16 @@ RESERVE_CONNECTIONS=${BENCH_RESERVE_CONNECTIONS:-320}
 # buy again. Empty: none (load-tests/ab.sh skips them).
 SWEEP_CONNECTIONS=${BENCH_SWEEP_CONNECTIONS-128 256 512 768}
 SWEEP_SECONDS=${BENCH_SWEEP_SECONDS:-10}
+# This machine's speed drifts by a fifth within a minute, and the main
+# run's /healthz is measured half a minute before its reservations. So in
+# each mode BENCH_PAIRS (default 5) pairs follow: /healthz for
+# BENCH_PAIR_HEALTHZ_SECONDS (3), then at once reservations for
+# BENCH_PAIR_RESERVE_SECONDS (6) at the main run's connections on a sale of
+# their own; each pair's ratio compares two runs seconds apart, and the
+# report gives every pair and the median.
+PAIRS=${BENCH_PAIRS-5}
+PAIR_HEALTHZ_SECONDS=${BENCH_PAIR_HEALTHZ_SECONDS:-3}
+PAIR_RESERVE_SECONDS=${BENCH_PAIR_RESERVE_SECONDS:-6}
 THREADS=${BENCH_THREADS:-1}
 PORT=18080
 BASE="http://127.0.0.1:$PORT"
@@ -99,6 +110,7 @@ else
   target/release/flashsale-mint --config load-tests/bench.toml --count "$TOKENS" --out "$WORK/tokens.txt"
 fi
 head -n 20000 "$WORK/tokens.txt" > "$WORK/few-tokens.txt"
+head -n $(( PAIR_RESERVE_SECONDS * 90000 )) "$WORK/tokens.txt" > "$WORK/pair-tokens.txt"
 
 sale() { # stock limit
   curl -sf -X POST "$BASE/admin/v1/sales" -H "$ADMIN" -H 'content-type: application/json' \
@@ -133,6 +145,30 @@ else:
     names = ["server", "PostgreSQL", "RabbitMQ", "wrk"]
     parts = ", ".join(f"{n} {p:.0f}% ({u:.0f} µs)" for n, p, u in zip(names, pct, us))
     print(f"{parts}; {sum(pct):.0f}% of the machine's {100 * int(sys.argv[4])}% in all, {sum(us):.0f} µs of CPU per durable reservation ({len(busy)} busy 2 s intervals)")
+PY
+}
+
+# Each pair's 201 rate over its /healthz rate, and its p99, then medians.
+pairs_line() { # mode
+  local i rows=""
+  for i in $(seq 1 "$PAIRS"); do
+    rows+="$(rps "$1-pair$i-healthz") $(field "$1-pair$i-reserve" requests) $(non2xx "$1-pair$i-reserve") $(field "$1-pair$i-reserve" p99_ms)
+"
+  done
+  python3 - "$PAIR_RESERVE_SECONDS" <<PY
+import statistics, sys
+secs = float(sys.argv[1])
+pairs = []
+for line in """$rows""".split("\n"):
+    p = line.split()
+    if len(p) == 4:
+        h, req, bad, p99 = float(p[0]), int(p[1]), int(p[2]), float(p[3])
+        pairs.append(((req - bad) / secs / h, p99, bad))
+if not pairs:
+    print("no pair measured")
+else:
+    each = "; ".join(f"{r:.2f} (p99 {q:.1f} ms)" for r, q, _ in pairs)
+    print(f"ratios {each}; median ratio **{statistics.median(r for r, _, _ in pairs):.2f}**, median p99 **{statistics.median(q for _, q, _ in pairs):.1f} ms**, {sum(b for _, _, b in pairs)} answers not 2xx")
 PY
 }
 
@@ -214,6 +250,11 @@ core_runs() { # embedded | services
   # reservation run is nearly all of it).
   curl -sf "$BASE/metrics" > "$WORK/$m-metrics.txt" || true
   PIPELINE[$m]=$(pipeline_line "$WORK/$m-metrics.txt")
+  for i in $(seq 1 "$PAIRS"); do
+    echo "== $m: pair $i"
+    run_wrk "$m-pair$i-healthz" "$PAIR_HEALTHZ_SECONDS" "$CONNECTIONS" -s load-tests/wrk/latency.lua "$BASE/healthz"
+    run_wrk "$m-pair$i-reserve" "$PAIR_RESERVE_SECONDS" "$RESERVE_CONNECTIONS" -s load-tests/wrk/reserve.lua "$BASE" -- "/api/v1/sales/$(sale 10000000 1)/purchases" "$WORK/pair-tokens.txt"
+  done
   if [ "$m" = services ]; then
     for c in $SWEEP_CONNECTIONS; do
       echo "== $m: reserve, $c connections"
@@ -264,6 +305,9 @@ core_report() {
     echo "- Order log: ${PIPELINE[$m]}."
     echo "- Rejection p99 over /healthz p99: $(ratio "$(field "$m-soldout" p99_ms)" "$(field "$m-healthz" p99_ms)")."
     echo "- Sold-out check run (3 s, 20,000 rotating buyers, $(rps "$m-soldout-count") req/s with wrk's per-request Lua): ${SOLDOUT_409[$m]:-0} answers 409, ${SOLDOUT_OTHER[$m]} others."
+    if [ "$PAIRS" -gt 0 ]; then
+      echo "- Paired runs, after the main run: $PAIRS times /healthz for $PAIR_HEALTHZ_SECONDS s, then at once reservations for $PAIR_RESERVE_SECONDS s at $RESERVE_CONNECTIONS connections on a sale of their own: $(pairs_line "$m")."
+    fi
     if [ "$m" = services ] && [ -n "$SWEEP_CONNECTIONS" ]; then
       echo "- The crowd's size: the main run, then runs of $SWEEP_SECONDS s after it, each on a sale of its own (with the main run's orders still in memory and in PostgreSQL); ratios to this mode's /healthz:"
       echo
