@@ -152,6 +152,30 @@ else:
 PY
 }
 
+# The server's CPU by thread role over the same busy intervals as
+# cpu_line: the server names its threads (fs-http, fs-pipeline, fs-writers,
+# fs-sqlite-log; lapin-io-loop is the RabbitMQ client's), so each role's
+# share shows.
+roles_line() { # samples-file 201s-per-second
+  python3 - "$1" "$(getconf CLK_TCK)" "$2" <<'PY'
+import sys
+names = ["fs-http", "fs-pipeline", "fs-writers", "fs-sqlite-log", "lapin-io-loop", "other"]
+rows = []
+for line in open(sys.argv[1]):
+    p = line.split()
+    if len(p) == 1 + len(names):
+        rows.append(list(map(int, p)))
+tck, rate = int(sys.argv[2]), float(sys.argv[3])
+busy = [[b - a for a, b in zip(r0, r1)] for r0, r1 in zip(rows, rows[1:])]
+busy = [d for d in busy if d[0] > tck]
+if not busy or rate <= 0:
+    print("not sampled")
+else:
+    us = [sum(d[i + 1] for d in busy) / (2 * tck * len(busy)) * 1e6 / rate for i in range(len(names))]
+    print(", ".join(f"{n} {u:.1f} µs" for n, u in zip(names, us)))
+PY
+}
+
 # Each pair's 201 rate over its /healthz rate, and its p99, then medians.
 pairs_line() { # mode
   local i rows=""
@@ -200,7 +224,7 @@ PY
 # sold-out storm, durable reservations (with the samplers), then a graceful
 # stop and the count of what the store holds. Results in $WORK/MODE-*.out
 # and the arrays below, keyed by mode.
-declare -A PIPELINE STORED CREATED DEPTH_MAX DEPTH_LAST RSS_PEAK CPU POLLS POLL_MAX SOLDOUT_409 SOLDOUT_OTHER RESERVE_TOTAL RESERVE_NON2XX
+declare -A ROLES PIPELINE STORED CREATED DEPTH_MAX DEPTH_LAST RSS_PEAK CPU POLLS POLL_MAX SOLDOUT_409 SOLDOUT_OTHER RESERVE_TOTAL RESERVE_NON2XX
 core_runs() { # embedded | services
   local m=$1
   if [ "$m" = services ]; then
@@ -241,6 +265,15 @@ core_runs() { # embedded | services
         $2 == "(postgres)" {pg += $14 + $15} $2 == "(beam.smp)" {mq += $14 + $15} $2 == "(wrk)" {wk += $14 + $15}
         END {print pg + 0, mq + 0, wk + 0}'
     done ) > "$WORK/$m-cpu.txt" &
+  pids+=($!)
+  # The server's threads by role, at the same moments (a thread that ended
+  # between two samples drops out of "other").
+  ( while sleep 2; do
+      for t in /proc/$SERVER_PID/task/*; do
+        printf '%s %s\n' "$(cat "$t/comm" 2>/dev/null)" "$(awk '{print $14+$15}' "$t/stat" 2>/dev/null)"
+      done | awk '{n=$1; v=$NF; all+=v; if (n=="fs-http"||n=="fs-pipeline"||n=="fs-writers"||n=="fs-sqlite-log"||n=="lapin-io-loop") r[n]+=v; else o+=v}
+        END {print all+0, r["fs-http"]+0, r["fs-pipeline"]+0, r["fs-writers"]+0, r["fs-sqlite-log"]+0, r["lapin-io-loop"]+0, o+0}'
+    done ) > "$WORK/$m-threads.txt" &
   pids+=($!)
   # An operator polling the actor status every second during the run.
   ( while sleep 1; do curl -s -o /dev/null -w '%{time_total}\n' -H "$ADMIN" "$BASE/admin/v1/actors"; done ) > "$WORK/$m-poll.txt" &
@@ -283,6 +316,7 @@ core_runs() { # embedded | services
   RSS_PEAK[$m]=$(sort -n "$WORK/$m-rss.txt" | tail -n1)
   POLLS[$m]=$(wc -l < "$WORK/$m-poll.txt"); POLL_MAX[$m]=$(sort -n "$WORK/$m-poll.txt" | tail -n1)
   CPU[$m]=$(cpu_line "$WORK/$m-cpu.txt" "$(( CREATED[$m] / SECONDS_RESERVE ))")
+  ROLES[$m]=$(roles_line "$WORK/$m-threads.txt" "$(( CREATED[$m] / SECONDS_RESERVE ))")
 }
 
 for m in $MODES; do core_runs "$m"; done
@@ -306,6 +340,7 @@ core_report() {
     echo
     echo "- Durable reservations: ${CREATED[$m]} answered 201 in $SECONDS_RESERVE s = **$r201/s** ($(ratio "$r201" "$mh") of /healthz). After a graceful stop the store holds ${STORED[$m]} orders: every 201, plus $(( STORED[$m] - CREATED[$m] )) made for requests wrk abandoned when its time ran out."
     echo "- CPU during the reservation run, as % of one core (and per durable reservation at the run's 201 rate): ${CPU[$m]}."
+    echo "- The server's CPU per durable reservation by thread (same intervals): ${ROLES[$m]}."
     echo "- Order log: ${PIPELINE[$m]}."
     echo "- Rejection p99 over /healthz p99: $(ratio "$(field "$m-soldout" p99_ms)" "$(field "$m-healthz" p99_ms)")."
     echo "- Sold-out check run (3 s, 20,000 rotating buyers, $(rps "$m-soldout-count") req/s with wrk's per-request Lua): ${SOLDOUT_409[$m]:-0} answers 409, ${SOLDOUT_OTHER[$m]} others."

@@ -137,6 +137,8 @@ impl Application {
         // the writers have another (see ARCHITECTURE.md, "Threads").
         let pipeline_arbiter = actix::Arbiter::new();
         let writer_arbiter = actix::Arbiter::new();
+        pipeline_arbiter.spawn_fn(|| crate::telemetry::name_current_thread("fs-pipeline"));
+        writer_arbiter.spawn_fn(|| crate::telemetry::name_current_thread("fs-writers"));
         let publisher_deps = PublisherDeps {
             orders: settings.orders.clone(),
             store: store.clone(),
@@ -511,6 +513,8 @@ fn serve(settings: &Settings, state: web::Data<AppState>) -> Result<(Server, u16
     let token_cache = settings.auth.token_cache_per_worker;
     let webhook = settings.payments.provider == crate::config::PaymentProviderKind::Webhook;
     let server = HttpServer::new(move || {
+        // Runs once on each worker's thread.
+        crate::telemetry::name_current_thread("fs-http");
         App::new()
             .app_data(state.clone())
             .app_data(limit)

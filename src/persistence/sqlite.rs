@@ -619,7 +619,7 @@ impl SqliteLog {
         conn.pragma_update(None, "wal_autocheckpoint", checkpoint_pages)
             .map_err(classify)?;
         std::thread::Builder::new()
-            .name("flashsale-sqlite-log".into())
+            .name("fs-sqlite-log".into())
             .spawn(move || {
                 let mut conn = conn;
                 while let Ok(first) = queue.recv() {
