@@ -406,14 +406,14 @@ pub fn routes(cfg: &mut web::ServiceConfig, webhook: bool) {
     if webhook {
         api = api.service(resource("/payments/webhook").route(web::post().to(payments::webhook)));
     }
-    cfg.service(resource("/").route(web::get().to(pages::page)))
-        .service(resource("/admin").route(web::get().to(pages::page)))
-        .service(resource("/assets/{file}").route(web::get().to(pages::page)))
+    // actix tries the routes in this order, and a route with a `{segment}`
+    // costs a regex run for every request that reaches it: the shopper API
+    // comes first and the pages last.
+    cfg.service(api)
         .service(resource("/healthz").route(web::get().to(health::healthz)))
         .service(resource("/metrics").route(web::get().to(admin::metrics)))
         .service(resource("/readyz").route(web::get().to(health::readyz)))
         .service(resource("/openapi.json").route(web::get().to(health::openapi)))
-        .service(api)
         .service(
             web::scope("/admin/v1")
                 .service(
@@ -432,5 +432,8 @@ pub fn routes(cfg: &mut web::ServiceConfig, webhook: bool) {
                 .service(resource("/sales/{id}/pause").route(web::post().to(sales::pause)))
                 .service(resource("/sales/{id}/resume").route(web::post().to(sales::resume))),
         )
+        .service(resource("/").route(web::get().to(pages::page)))
+        .service(resource("/admin").route(web::get().to(pages::page)))
+        .service(resource("/assets/{file}").route(web::get().to(pages::page)))
         .default_service(web::to(not_found));
 }
