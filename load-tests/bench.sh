@@ -132,47 +132,34 @@ non2xx() { cat "$WORK/$1.out" 2>/dev/null | awk '/Non-2xx/ {n=$NF} END {print n+
 created() { local t; t=$(field "$1" requests); echo $(( ${t:-0} - $(non2xx "$1") )); }
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 
-# Per-process CPU during the busy part of a reservation run, as % of one
-# core and as microseconds per durable reservation.
-cpu_line() { # samples-file 201s-per-second
-  python3 - "$1" "$(getconf CLK_TCK)" "$2" "$(nproc)" <<'PY'
+# CPU during the busy part of a reservation run, per durable reservation,
+# from samples taken every 2 s (clock ticks): the busy part is the
+# intervals in which the server (the first column) used more than half a
+# core, so wrk's start-up, which reads every token, is left out.
+#   processes: the server, PostgreSQL, RabbitMQ and wrk, as % of one core
+#     and in µs;
+#   threads: the server's CPU by thread role (the server names its threads
+#     fs-http, fs-pipeline, fs-writers, fs-sqlite-log; lapin-io-loop is the
+#     RabbitMQ client's), in µs.
+busy_cpu() { # processes|threads samples-file 201s-per-second
+  python3 - "$1" "$2" "$(getconf CLK_TCK)" "$3" "$(nproc)" <<'PY'
 import sys
-rows = [list(map(int, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 4]
-tck, rate = int(sys.argv[2]), float(sys.argv[3])
-busy = [[b - a for a, b in zip(r0, r1)] for r0, r1 in zip(rows, rows[1:])]
-busy = [d for d in busy if d[0] > tck]  # server above 50% of a core over 2 s
-if not busy or rate <= 0:
-    print("not sampled")
-else:
-    pct = [100.0 * sum(d[i] for d in busy) / (2 * tck * len(busy)) for i in range(4)]
-    us = [p / 100 * 1e6 / rate for p in pct]
-    names = ["server", "PostgreSQL", "RabbitMQ", "wrk"]
-    parts = ", ".join(f"{n} {p:.0f}% ({u:.0f} µs)" for n, p, u in zip(names, pct, us))
-    print(f"{parts}; {sum(pct):.0f}% of the machine's {100 * int(sys.argv[4])}% in all, {sum(us):.0f} µs of CPU per durable reservation ({len(busy)} busy 2 s intervals)")
-PY
-}
-
-# The server's CPU by thread role over the same busy intervals as
-# cpu_line: the server names its threads (fs-http, fs-pipeline, fs-writers,
-# fs-sqlite-log; lapin-io-loop is the RabbitMQ client's), so each role's
-# share shows.
-roles_line() { # samples-file 201s-per-second
-  python3 - "$1" "$(getconf CLK_TCK)" "$2" <<'PY'
-import sys
-names = ["fs-http", "fs-pipeline", "fs-writers", "fs-sqlite-log", "lapin-io-loop", "other"]
-rows = []
-for line in open(sys.argv[1]):
-    p = line.split()
-    if len(p) == 1 + len(names):
-        rows.append(list(map(int, p)))
-tck, rate = int(sys.argv[2]), float(sys.argv[3])
+kind, path, tck, rate, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+names = (["server", "PostgreSQL", "RabbitMQ", "wrk"] if kind == "processes"
+         else ["all", "fs-http", "fs-pipeline", "fs-writers", "fs-sqlite-log", "lapin-io-loop", "other"])
+rows = [list(map(int, l.split())) for l in open(path) if len(l.split()) == len(names)]
 busy = [[b - a for a, b in zip(r0, r1)] for r0, r1 in zip(rows, rows[1:])]
 busy = [d for d in busy if d[0] > tck]
 if not busy or rate <= 0:
     print("not sampled")
+    sys.exit()
+pct = [100.0 * sum(d[i] for d in busy) / (2 * tck * len(busy)) for i in range(len(names))]
+us = [p / 100 * 1e6 / rate for p in pct]
+if kind == "processes":
+    parts = ", ".join(f"{n} {p:.0f}% ({u:.0f} µs)" for n, p, u in zip(names, pct, us))
+    print(f"{parts}; {sum(pct):.0f}% of the machine's {100 * cores}% in all, {sum(us):.0f} µs of CPU per durable reservation ({len(busy)} busy 2 s intervals)")
 else:
-    us = [sum(d[i + 1] for d in busy) / (2 * tck * len(busy)) * 1e6 / rate for i in range(len(names))]
-    print(", ".join(f"{n} {u:.1f} µs" for n, u in zip(names, us)))
+    print(", ".join(f"{n} {u:.1f} µs" for n, u in list(zip(names, us))[1:]))
 PY
 }
 
@@ -315,8 +302,8 @@ core_runs() { # embedded | services
   DEPTH_LAST[$m]=$(tail -n1 "$WORK/$m-depth.txt"); DEPTH_LAST[$m]=${DEPTH_LAST[$m]:-0}
   RSS_PEAK[$m]=$(sort -n "$WORK/$m-rss.txt" | tail -n1)
   POLLS[$m]=$(wc -l < "$WORK/$m-poll.txt"); POLL_MAX[$m]=$(sort -n "$WORK/$m-poll.txt" | tail -n1)
-  CPU[$m]=$(cpu_line "$WORK/$m-cpu.txt" "$(( CREATED[$m] / SECONDS_RESERVE ))")
-  ROLES[$m]=$(roles_line "$WORK/$m-threads.txt" "$(( CREATED[$m] / SECONDS_RESERVE ))")
+  CPU[$m]=$(busy_cpu processes "$WORK/$m-cpu.txt" "$(( CREATED[$m] / SECONDS_RESERVE ))")
+  ROLES[$m]=$(busy_cpu threads "$WORK/$m-threads.txt" "$(( CREATED[$m] / SECONDS_RESERVE ))")
 }
 
 for m in $MODES; do core_runs "$m"; done

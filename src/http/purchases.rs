@@ -180,7 +180,8 @@ pub async fn purchase(
     match reply {
         PurchaseReply::Created(order) => Ok(HttpResponse::Created()
             .insert_header((header::LOCATION, format!("/api/v1/orders/{}", order.id)))
-            .json(order.as_ref())),
+            .insert_header(header::ContentType::json())
+            .body(order.to_json())),
         PurchaseReply::Replayed(order) => Ok(HttpResponse::Ok().json(order)),
         PurchaseReply::ReplayedStored(id) => match stored_order(state, id).await? {
             Some(order) => Ok(HttpResponse::Ok().json(order)),
