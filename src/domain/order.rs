@@ -153,16 +153,17 @@ fn push_time(out: &mut Vec<u8>, at: &DateTime<Utc>) {
         }
     };
     out.push(b'"');
-    digits(out, year.unsigned_abs(), 4);
-    out.push(b'-');
-    digits(out, at.month(), 2);
-    out.push(b'-');
-    digits(out, at.day(), 2);
-    out.push(b'T');
-    digits(out, at.hour(), 2);
-    out.push(b':');
-    digits(out, at.minute(), 2);
-    out.push(b':');
+    let fields = [
+        (b'-', year.unsigned_abs(), 4),
+        (b'-', at.month(), 2),
+        (b'T', at.day(), 2),
+        (b':', at.hour(), 2),
+        (b':', at.minute(), 2),
+    ];
+    for (separator, value, width) in fields {
+        digits(out, value, width);
+        out.push(separator);
+    }
     digits(out, at.second(), 2);
     if nanos != 0 {
         out.push(b'.');
