@@ -207,7 +207,10 @@ mod tests {
     use super::*;
 
     fn at(secs: i64, nanos: u32) -> DateTime<Utc> {
-        Utc.timestamp_opt(secs, nanos).single().unwrap_or_default()
+        // A time chrono refuses would fall back to a default and test nothing.
+        Utc.timestamp_opt(secs, nanos)
+            .single()
+            .unwrap_or_else(|| panic!("not a time: {secs} s {nanos} ns"))
     }
 
     #[test]

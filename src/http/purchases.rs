@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use actix_web::dev::Payload;
 use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -178,19 +178,29 @@ pub async fn purchase(
         return Err(unavailable);
     };
     match reply {
-        PurchaseReply::Created(order) => Ok(HttpResponse::Created()
-            .insert_header((header::LOCATION, format!("/api/v1/orders/{}", order.id)))
-            .insert_header(header::ContentType::json())
-            .body(order.to_json())),
-        PurchaseReply::Replayed(order) => Ok(HttpResponse::Ok().json(order)),
+        PurchaseReply::Created(order) => {
+            let mut created = HttpResponse::Created();
+            created.insert_header((header::LOCATION, format!("/api/v1/orders/{}", order.id)));
+            Ok(order_answer(created, &order))
+        }
+        PurchaseReply::Replayed(order) => Ok(order_answer(HttpResponse::Ok(), &order)),
         PurchaseReply::ReplayedStored(id) => match stored_order(state, id).await? {
-            Some(order) => Ok(HttpResponse::Ok().json(order)),
+            Some(order) => Ok(order_answer(HttpResponse::Ok(), &order)),
             None => Err(unavailable),
         },
         PurchaseReply::Rejected(r) => Err(ApiError::Rejected(r)),
         PurchaseReply::Overloaded => Err(ApiError::Overloaded { retry_after_secs }),
         PurchaseReply::Unavailable => Err(unavailable),
     }
+}
+
+/// Every answer whose body is one order: `Order::to_json`, the bytes serde
+/// would write, without its generic path (every durable reservation's 201
+/// is one).
+fn order_answer(mut answer: HttpResponseBuilder, order: &Order) -> HttpResponse {
+    answer
+        .insert_header(header::ContentType::json())
+        .body(order.to_json())
 }
 
 /// Purchases this HTTP worker took in and has not handed to their stock
@@ -364,7 +374,7 @@ pub async fn get_order(
         None => state.store.order(id).await?,
     };
     match order {
-        Some(o) if o.user_id == shopper.user_id => Ok(HttpResponse::Ok().json(o)),
+        Some(o) if o.user_id == shopper.user_id => Ok(order_answer(HttpResponse::Ok(), &o)),
         _ => Err(ApiError::OrderNotFound),
     }
 }
@@ -510,7 +520,7 @@ pub async fn pay(
 ) -> Result<HttpResponse, ApiError> {
     let order = owned_order(&state, shopper.user_id, &path).await?;
     match order.status {
-        OrderStatus::Paid => return Ok(HttpResponse::Ok().json(order)),
+        OrderStatus::Paid => return Ok(order_answer(HttpResponse::Ok(), &order)),
         OrderStatus::Cancelled => return Err(ApiError::OrderCancelled),
         OrderStatus::Expired => return Err(ApiError::ReservationExpired),
         OrderStatus::Reserved => {}
@@ -520,9 +530,9 @@ pub async fn pay(
     match state.payments.charge(&order, amount, &order.currency).await {
         Ok(PaymentOutcome::Approved) => {
             let (order, _) = pay_approved(&state, &order, true).await?;
-            Ok(HttpResponse::Ok().json(order))
+            Ok(order_answer(HttpResponse::Ok(), &order))
         }
-        Ok(PaymentOutcome::Pending) => Ok(HttpResponse::Accepted().json(order)),
+        Ok(PaymentOutcome::Pending) => Ok(order_answer(HttpResponse::Accepted(), &order)),
         Err(PaymentError::Declined(why)) => Err(ApiError::PaymentDeclined(why)),
         Err(PaymentError::Unavailable(_)) => Err(ApiError::Unavailable {
             reason: "the payment provider is unavailable",
@@ -545,7 +555,7 @@ pub async fn cancel(
 ) -> Result<HttpResponse, ApiError> {
     let order = owned_order(&state, shopper.user_id, &path).await?;
     let (order, _) = act(&state, &order, Action::Cancel).await?;
-    Ok(HttpResponse::Ok().json(order))
+    Ok(order_answer(HttpResponse::Ok(), &order))
 }
 
 #[cfg(test)]
