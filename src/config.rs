@@ -180,6 +180,7 @@ pub struct OrderSettings {
     pub confirm_timeout_ms: u64,
     pub writers: usize,
     pub writer_prefetch: u16,
+    pub writer_gather_ms: u64,
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
     pub reconnect_initial_ms: u64,
@@ -310,6 +311,9 @@ impl Settings {
             || o.writer_prefetch == 0
         {
             return fail("orders.batch_max_orders, max_unconfirmed_batches, publish_queue_capacity, writers and writer_prefetch must be at least 1");
+        }
+        if o.writer_gather_ms > 1000 {
+            return fail("orders.writer_gather_ms must be at most 1000");
         }
         // A batch that waits as long as a purchase waits for its confirm
         // would answer every purchase of a rush 503.

@@ -126,6 +126,7 @@ function show(status) {
     ...(services ? [
       ['Writers connected', `${p.writers.connected} of ${p.writers.pool_size}`],
       ['Rows written', p.writers.rows_written],
+      ['Writes (statements)', p.writers.writes],
       ['Last write', `${p.writers.last_batch_ms.toFixed(2)} ms`],
     ] : []),
     ['Dead letters', p.writers.dead_letters],

@@ -67,6 +67,9 @@ pub struct WriterPoolStatus {
     pub in_flight: usize,
     pub messages_written: u64,
     pub rows_written: u64,
+    /// Statements the writers committed; each holds the messages gathered
+    /// for it (`orders.writer_gather_ms`).
+    pub writes: u64,
     pub dead_letters: u64,
     pub retries: u64,
     pub last_batch_ms: f64,
@@ -177,6 +180,7 @@ pub fn actors_status(state: &AppState) -> ActorsStatus {
                 in_flight: w.in_flight.load(Ordering::Relaxed),
                 messages_written: w.messages_written.load(Ordering::Relaxed),
                 rows_written: w.rows_written.load(Ordering::Relaxed),
+                writes: w.writes.load(Ordering::Relaxed),
                 dead_letters: w.dead_letters.load(Ordering::Relaxed),
                 retries: w.retries.load(Ordering::Relaxed),
                 last_batch_ms: w.last_batch_us.load(Ordering::Relaxed) as f64 / 1000.0,

@@ -3,10 +3,13 @@
 //!
 //! A pool of these actors (`orders.writers`) each holds its own RabbitMQ
 //! channel (manual acks, `orders.writer_prefetch` in flight) and its own
-//! PostgreSQL connection. The deliveries that arrived while the previous
-//! write ran are applied together with one statement, idempotently, and each
-//! is acked only after that commit: a crash between the two redelivers the
-//! messages, which then change nothing.
+//! PostgreSQL connection. The deliveries that arrive within
+//! `orders.writer_gather_ms` of the first (or while the previous write runs)
+//! are applied together with one statement, idempotently, and acked with one
+//! ack only after that commit: a crash between the two redelivers the
+//! messages, which then change nothing. The buyer's 201 waited for the log's
+//! confirm, not for this write, so the wait costs no buyer anything, and
+//! PostgreSQL's cost is partly per statement and commit.
 //! A message that can never be applied is rejected to the dead-letter queue
 //! and counted; a transient failure is retried with backoff, in place, so the
 //! order of the log is kept and nothing loops through the queue.
@@ -34,6 +37,8 @@ pub struct WriterStats {
     pub in_flight: AtomicUsize,
     pub messages_written: AtomicU64,
     pub rows_written: AtomicU64,
+    /// Statements committed (each holds one or more messages).
+    pub writes: AtomicU64,
     pub dead_letters: AtomicU64,
     pub retries: AtomicU64,
     pub connected: AtomicUsize,
@@ -77,6 +82,9 @@ pub struct OrderWriter {
     /// Deliveries received while a write runs; the next write takes them all.
     waiting: Vec<Delivery>,
     writing: bool,
+    /// A write is due when `orders.writer_gather_ms` has passed since the
+    /// first of `waiting` arrived (set while that wait runs).
+    gathering: bool,
     /// Told when the writer holds nothing any more (for `StopWriter`).
     on_idle: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -94,11 +102,17 @@ impl OrderWriter {
             stopping: false,
             waiting: Vec::new(),
             writing: false,
+            gathering: false,
             on_idle: None,
         }
     }
 
-    /// Writes every waiting delivery in one go, then looks again.
+    /// Writes every waiting delivery in one go, then looks again. Unless
+    /// the writer is stopping or holds `orders.writer_prefetch` deliveries
+    /// (all the broker sends it), the first delivery waits up to
+    /// `orders.writer_gather_ms` for others to join its write: a buyer's
+    /// 201 waits for the log's confirm, never for this write, and
+    /// PostgreSQL's cost is partly per statement and commit.
     fn write_waiting(&mut self, ctx: &mut Context<Self>) {
         if self.writing {
             return;
@@ -107,6 +121,27 @@ impl OrderWriter {
             if let Some(idle) = self.on_idle.take() {
                 let _ = idle.send(());
             }
+            return;
+        }
+        let gather = Duration::from_millis(self.config.orders.writer_gather_ms);
+        let full = self.waiting.len() >= usize::from(self.config.orders.writer_prefetch);
+        if !gather.is_zero() && !full && !self.stopping {
+            if !self.gathering {
+                self.gathering = true;
+                ctx.run_later(gather, |act, ctx| {
+                    act.gathering = false;
+                    act.write_now(ctx);
+                });
+            }
+            return;
+        }
+        self.write_now(ctx);
+    }
+
+    /// Writes every waiting delivery in one statement unless a write runs
+    /// (its end looks again).
+    fn write_now(&mut self, ctx: &mut Context<Self>) {
+        if self.writing || self.waiting.is_empty() {
             return;
         }
         self.writing = true;
@@ -361,6 +396,7 @@ async fn write_messages(
                     .messages_written
                     .fetch_add(messages.len() as u64, Ordering::Relaxed);
                 stats.rows_written.fetch_add(rows, Ordering::Relaxed);
+                stats.writes.fetch_add(1, Ordering::Relaxed);
                 config.directory.orders.forget_written(
                     msgs.iter()
                         .flat_map(|m| &m.entries)

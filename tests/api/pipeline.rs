@@ -422,3 +422,41 @@ async fn log_entries_apply_in_any_order_and_replays_change_nothing() {
     assert_eq!(order_status(&db, other).await.as_deref(), Some("cancelled"));
     app.teardown().await;
 }
+
+#[actix_web::test]
+async fn a_writer_gathers_the_messages_of_its_wait_into_one_write() {
+    // One writer that waits a second after its first message: the three
+    // messages published meanwhile share one statement and commit.
+    let mut settings = test_settings();
+    settings.orders.writers = 1;
+    settings.orders.writer_gather_ms = 1000;
+    let app = spawn_app_with(settings).await;
+    let sale = uuid_of(&app.create_sale(json!({"stock_total": 10})).await["id"]);
+    let db = Probe::open(&app.settings).await;
+    let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+    for id in ids {
+        publish_raw(
+            &app.settings,
+            &log_message("reserve", &order_json(id, sale, "reserved")),
+        )
+        .await;
+    }
+    for id in ids {
+        assert_eq!(
+            wait_for_status(&db, id, "reserved").await.as_deref(),
+            Some("reserved")
+        );
+    }
+    // The counters follow the commit by the ack's round trip.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let writers = loop {
+        let writers = actor_status(&app).await["pipeline"]["writers"].clone();
+        if writers["messages_written"].as_u64() >= Some(3) || std::time::Instant::now() > deadline {
+            break writers;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(writers["messages_written"].as_u64(), Some(3), "{writers}");
+    assert_eq!(writers["writes"].as_u64(), Some(1), "{writers}");
+    app.teardown().await;
+}
