@@ -13,13 +13,15 @@
 # seconds of reservations per run, AB_HEALTHZ_SECONDS (default 5) of
 # /healthz. Prints one row per run, each ratio to the /healthz of its own
 # run, and the median per variant; the runs' reports stay in AB_OUT
-# (default a new temporary directory).
+# (default a new temporary directory). The steal column is the share of the
+# machine's time that the hypervisor gave to other guests during the run: a
+# run with much of it measured a slower machine.
 #
 # Example: load-tests/ab.sh shipped d1000:FLASHSALE__RABBITMQ__BATCH_MAX_DELAY_US=1000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[ $# -ge 1 ] || { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 ROUNDS=${AB_ROUNDS:-2}
 SECS=${AB_SECONDS:-16}
 OUT=${AB_OUT:-$(mktemp -d)}
@@ -41,16 +43,17 @@ r = re.search(r"\| services \| purchase, ample stock \(all answers\) \| \d+ \| [
 d = re.search(r"= \*\*(\d+)/s\*\* \(([\d.]+) of /healthz\)", t)
 c = re.search(r"server \d+% \((\d+) µs\), PostgreSQL \d+% \((\d+) µs\), RabbitMQ \d+% \((\d+) µs\), wrk \d+% \((\d+) µs\); (\d+)% of .*?, (\d+) µs of CPU", t)
 b = re.search(r"batches of ([\d.]+) entries", t)
+st = re.search(r"steal (\d+)%", t)
 if not (h and r and d):
-    print("| failed | | | | | | |")
+    print("| failed | | | | | | | |")
 else:
     cpu = f"{c[6]} ({c[1]}/{c[2]}/{c[3]}/{c[4]}), {c[5]}% busy" if c else "not sampled"
-    print(f"| {float(h[1]):.0f} | {d[1]} | {d[2]} | {r[1]} | {r[2]} | {cpu} | {b[1] if b else '-'} |")
+    print(f"| {float(h[1]):.0f} | {d[1]} | {d[2]} | {r[1]} | {r[2]} | {cpu} | {b[1] if b else '-'} | {st[1] + '%' if st else '-'} |")
 PY
 }
 
-echo "| variant | round | /healthz req/s | 201/s | ratio | p50 ms | p99 ms | CPU µs per 201 (server/PG/MQ/wrk) | entries per message |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| variant | round | /healthz req/s | 201/s | ratio | p50 ms | p99 ms | CPU µs per 201 (server/PG/MQ/wrk) | entries per message | steal |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 for round in $(seq 1 "$ROUNDS"); do
   for variant in "$@"; do
     name=${variant%%:*}

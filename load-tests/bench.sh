@@ -3,7 +3,9 @@
 # load-tests/bench.toml on 127.0.0.1, and measures in one run with wrk, in
 # each storage mode (embedded, then services) on a fresh server and store:
 #   1. GET /healthz                       (the ceiling)
-#   2. purchases on a sold-out sale       (the hot "no")
+#   2. purchases on a sold-out sale       (the hot "no"), and one buyer's
+#      purchase replayed with its Idempotency-Key (the stock actor's
+#      round trip, without the order log)
 #   3. durable reservations, ample stock, a distinct buyer per request
 #      then, against the machine's drift, short pairs of /healthz and
 #      reservations; in services mode also other connection counts
@@ -138,15 +140,18 @@ ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
 # core, so wrk's start-up, which reads every token, is left out.
 #   processes: the server, PostgreSQL, RabbitMQ and wrk, as % of one core
 #     and in µs;
+#   machine: the whole machine's time split into user, system, idle and
+#     steal, and the context switches per durable reservation;
 #   threads: the server's CPU by thread role (the server names its threads
 #     fs-http, fs-pipeline, fs-writers, fs-sqlite-log; lapin-io-loop is the
 #     RabbitMQ client's), in µs.
-busy_cpu() { # processes|threads samples-file 201s-per-second
+busy_cpu() { # processes|machine|threads samples-file 201s-per-second
   python3 - "$1" "$2" "$(getconf CLK_TCK)" "$3" "$(nproc)" <<'PY'
 import sys
 kind, path, tck, rate, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-names = (["server", "PostgreSQL", "RabbitMQ", "wrk"] if kind == "processes"
-         else ["all", "fs-http", "fs-pipeline", "fs-writers", "fs-sqlite-log", "lapin-io-loop", "other"])
+names = {"processes": ["server", "PostgreSQL", "RabbitMQ", "wrk"],
+         "threads": ["all", "fs-http", "fs-pipeline", "fs-writers", "fs-sqlite-log", "lapin-io-loop", "other"],
+         "machine": ["server", "user", "system", "idle", "steal", "switches"]}[kind]
 rows = [list(map(int, l.split())) for l in open(path) if len(l.split()) == len(names)]
 busy = [[b - a for a, b in zip(r0, r1)] for r0, r1 in zip(rows, rows[1:])]
 busy = [d for d in busy if d[0] > tck]
@@ -155,7 +160,12 @@ if not busy or rate <= 0:
     sys.exit()
 pct = [100.0 * sum(d[i] for d in busy) / (2 * tck * len(busy)) for i in range(len(names))]
 us = [p / 100 * 1e6 / rate for p in pct]
-if kind == "processes":
+if kind == "machine":
+    ticks = sum(sum(d[1:5]) for d in busy)
+    split = ", ".join(f"{n} {100.0 * sum(d[i] for d in busy) / ticks:.0f}%" for i, n in enumerate(names[1:5], 1))
+    switches = sum(d[5] for d in busy) / (2.0 * len(busy))
+    print(f"{split}; {switches / rate:.2f} context switches per durable reservation ({switches:.0f}/s)")
+elif kind == "processes":
     parts = ", ".join(f"{n} {p:.0f}% ({u:.0f} µs)" for n, p, u in zip(names, pct, us))
     print(f"{parts}; {sum(pct):.0f}% of the machine's {100 * cores}% in all, {sum(us):.0f} µs of CPU per durable reservation ({len(busy)} busy 2 s intervals)")
 else:
@@ -207,11 +217,20 @@ else:
 PY
 }
 
+# The server's CPU so far (clock ticks), and its CPU per request of a wrk
+# run between two such readings, in µs (the run's idle start-up adds
+# nothing: the server does no work while wrk prepares).
+server_ticks() { awk '{print $14+$15}' /proc/$SERVER_PID/stat; }
+per_request_us() { # ticks-before ticks-after run-name
+  python3 -c "import sys; t0, t1, tck, n = map(float, sys.argv[1:]); print(f'{(t1 - t0) / tck * 1e6 / n:.1f}' if n else '-')" \
+    "$1" "$2" "$(getconf CLK_TCK)" "$(awk '/ requests in / {print $1}' "$WORK/$3.out")"
+}
+
 # 1-3 in one storage mode, on a fresh server and store: /healthz, the
 # sold-out storm, durable reservations (with the samplers), then a graceful
 # stop and the count of what the store holds. Results in $WORK/MODE-*.out
 # and the arrays below, keyed by mode.
-declare -A ROLES PIPELINE STORED CREATED DEPTH_MAX DEPTH_LAST RSS_PEAK CPU POLLS POLL_MAX SOLDOUT_409 SOLDOUT_OTHER RESERVE_TOTAL RESERVE_NON2XX
+declare -A MACHINE SERVER_US_HEALTHZ SERVER_US_SOLDOUT SERVER_US_REPLAY ROLES PIPELINE STORED CREATED DEPTH_MAX DEPTH_LAST RSS_PEAK CPU POLLS POLL_MAX SOLDOUT_409 SOLDOUT_OTHER RESERVE_TOTAL RESERVE_NON2XX
 core_runs() { # embedded | services
   local m=$1
   if [ "$m" = services ]; then
@@ -225,14 +244,31 @@ core_runs() { # embedded | services
   sold=$(sale 1 1)
   curl -sf -X POST "$BASE/api/v1/sales/$sold/purchases" -H "Authorization: Bearer $(head -n1 "$WORK/few-tokens.txt")" >/dev/null
   ample=$(sale 10000000 1)
+  local t0
+  t0=$(server_ticks)
   echo "== $m: healthz"; run_wrk "$m-healthz" "$SECONDS_SHORT" "$CONNECTIONS" -s load-tests/wrk/latency.lua "$BASE/healthz"
+  SERVER_US_HEALTHZ[$m]=$(per_request_us "$t0" "$(server_ticks)" "$m-healthz")
   # The sold-out run sends one prebuilt request (a shopper's token in a
   # header), so wrk spends exactly what it spends on /healthz: the ratio
   # compares the server's two paths, not two client scripts. Its one token
   # is answered from each worker's verified-token cache once the worker
   # has verified it twice, as a buyer pressing "buy" again is. A short second run rotates
   # 20,000 buyers and counts the answers, to show they are all 409s.
+  t0=$(server_ticks)
   echo "== $m: sold out"; run_wrk "$m-soldout" "$SECONDS_SHORT" "$CONNECTIONS" -H "Authorization: Bearer $(sed -n 2p "$WORK/few-tokens.txt")" -s load-tests/wrk/post.lua "$BASE/api/v1/sales/$sold/purchases"
+  SERVER_US_SOLDOUT[$m]=$(per_request_us "$t0" "$(server_ticks)" "$m-soldout")
+  # A replay: one buyer repeats a purchase with the same Idempotency-Key,
+  # after its order is durable. The stock actor answers it from memory,
+  # without the order log, so this run costs what the sold-out run does
+  # plus the round trip to the stock actor (and an order's body): beside
+  # it, the reservation run's extra cost is the full token check and the
+  # order log.
+  local replayed buyer
+  replayed=$(sale 10 1); buyer=$(sed -n 3p "$WORK/few-tokens.txt")
+  curl -sf -X POST "$BASE/api/v1/sales/$replayed/purchases" -H "Authorization: Bearer $buyer" -H 'Idempotency-Key: bench-replay' >/dev/null
+  t0=$(server_ticks)
+  echo "== $m: replay"; run_wrk "$m-replay" "$SECONDS_SHORT" "$CONNECTIONS" -H "Authorization: Bearer $buyer" -H 'Idempotency-Key: bench-replay' -s load-tests/wrk/post.lua "$BASE/api/v1/sales/$replayed/purchases"
+  SERVER_US_REPLAY[$m]=$(per_request_us "$t0" "$(server_ticks)" "$m-replay")
   echo "== $m: sold out, many buyers, answers counted"; run_wrk "$m-soldout-count" 3 "$CONNECTIONS" -s load-tests/wrk/purchase.lua "$BASE" -- "/api/v1/sales/$sold/purchases" "$WORK/few-tokens.txt"
   echo "== $m: reserve"
   local pids=()
@@ -252,6 +288,18 @@ core_runs() { # embedded | services
         $2 == "(postgres)" {pg += $14 + $15} $2 == "(beam.smp)" {mq += $14 + $15} $2 == "(wrk)" {wk += $14 + $15}
         END {print pg + 0, mq + 0, wk + 0}'
     done ) > "$WORK/$m-cpu.txt" &
+  pids+=($!)
+  # The whole machine at the same moments (/proc/stat, clock ticks): the
+  # server's ticks first (to find the busy intervals), then user (with
+  # nice), system (with interrupts), idle (with I/O wait), steal (time the
+  # hypervisor gave to other guests), and context switches. On a shared
+  # virtual machine steal is why the same build measures faster one hour
+  # than the next.
+  ( while sleep 2; do
+      printf '%s ' "$(awk '{print $14+$15}' /proc/$SERVER_PID/stat 2>/dev/null || echo 0)"
+      awk '$1 == "cpu" {u = $2 + $3; s = $4 + $7 + $8; i = $5 + $6; st = $9} $1 == "ctxt" {c = $2}
+        END {print u, s, i, st, c}' /proc/stat
+    done ) > "$WORK/$m-machine.txt" &
   pids+=($!)
   # The server's threads by role, at the same moments (a thread that ended
   # between two samples drops out of "other").
@@ -303,6 +351,7 @@ core_runs() { # embedded | services
   RSS_PEAK[$m]=$(sort -n "$WORK/$m-rss.txt" | tail -n1)
   POLLS[$m]=$(wc -l < "$WORK/$m-poll.txt"); POLL_MAX[$m]=$(sort -n "$WORK/$m-poll.txt" | tail -n1)
   CPU[$m]=$(busy_cpu processes "$WORK/$m-cpu.txt" "$(( CREATED[$m] / SECONDS_RESERVE ))")
+  MACHINE[$m]=$(busy_cpu machine "$WORK/$m-machine.txt" "$(( CREATED[$m] / SECONDS_RESERVE ))")
   ROLES[$m]=$(busy_cpu threads "$WORK/$m-threads.txt" "$(( CREATED[$m] / SECONDS_RESERVE ))")
 }
 
@@ -318,6 +367,7 @@ core_report() {
     mh=$(rps "$m-healthz")
     echo "| $m | GET /healthz (ceiling) | $SECONDS_SHORT | $mh | 1.00 | $(field "$m-healthz" p50_ms) | $(field "$m-healthz" p99_ms) | $(field "$m-healthz" p999_ms) |"
     echo "| $m | purchase, sold-out sale | $SECONDS_SHORT | $(rps "$m-soldout") | $(ratio "$(rps "$m-soldout")" "$mh") | $(field "$m-soldout" p50_ms) | $(field "$m-soldout" p99_ms) | $(field "$m-soldout" p999_ms) |"
+    echo "| $m | purchase replayed (Idempotency-Key) | $SECONDS_SHORT | $(rps "$m-replay") | $(ratio "$(rps "$m-replay")" "$mh") | $(field "$m-replay" p50_ms) | $(field "$m-replay" p99_ms) | $(field "$m-replay" p999_ms) |"
     echo "| $m | purchase, ample stock (all answers) | $SECONDS_RESERVE | $(rps "$m-reserve") | $(ratio "$(rps "$m-reserve")" "$mh") | $(field "$m-reserve" p50_ms) | $(field "$m-reserve" p99_ms) | $(field "$m-reserve" p999_ms) |"
   done
   echo
@@ -328,6 +378,8 @@ core_report() {
     echo "- Durable reservations: ${CREATED[$m]} answered 201 in $SECONDS_RESERVE s = **$r201/s** ($(ratio "$r201" "$mh") of /healthz). After a graceful stop the store holds ${STORED[$m]} orders: every 201, plus $(( STORED[$m] - CREATED[$m] )) made for requests wrk abandoned when its time ran out."
     echo "- CPU during the reservation run, as % of one core (and per durable reservation at the run's 201 rate): ${CPU[$m]}."
     echo "- The server's CPU per durable reservation by thread (same intervals): ${ROLES[$m]}."
+    echo "- The server's CPU per request in the other runs: /healthz ${SERVER_US_HEALTHZ[$m]} µs, sold-out purchase ${SERVER_US_SOLDOUT[$m]} µs, replayed purchase ${SERVER_US_REPLAY[$m]} µs ($(non2xx "$m-replay") answers not 2xx)."
+    echo "- The whole machine in the same intervals: ${MACHINE[$m]}."
     echo "- Order log: ${PIPELINE[$m]}."
     echo "- Rejection p99 over /healthz p99: $(ratio "$(field "$m-soldout" p99_ms)" "$(field "$m-healthz" p99_ms)")."
     echo "- Sold-out check run (3 s, 20,000 rotating buyers, $(rps "$m-soldout-count") req/s with wrk's per-request Lua): ${SOLDOUT_409[$m]:-0} answers 409, ${SOLDOUT_OTHER[$m]} others."
