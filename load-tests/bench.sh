@@ -293,8 +293,9 @@ core_runs() { # embedded | services
   # server's ticks first (to find the busy intervals), then user (with
   # nice), system (with interrupts), idle (with I/O wait), steal (time the
   # hypervisor gave to other guests), and context switches. On a shared
-  # virtual machine steal is why the same build measures faster one hour
-  # than the next.
+  # virtual machine steal is one reason why the same build measures faster
+  # one hour than the next (a host busy in ways the guest cannot see is
+  # another: the report's argon2 login rate shows the CPU's speed).
   ( while sleep 2; do
       printf '%s ' "$(awk '{print $14+$15}' /proc/$SERVER_PID/stat 2>/dev/null || echo 0)"
       awk '$1 == "cpu" {u = $2 + $3; s = $4 + $7 + $8; i = $5 + $6; st = $9} $1 == "ctxt" {c = $2}
