@@ -6,9 +6,10 @@
 //! `orders.max_unconfirmed_batches` in flight. A batch is formed only once
 //! it has a place in flight, so while every place waits for its confirm the
 //! entries pile up and the next batch takes them all (up to
-//! `orders.batch_max_orders`, after waiting at most the sink's
-//! [`Sink::batch_delay`] for more while earlier batches are still
-//! unconfirmed): batches grow with the backlog, and the sink sees fewer,
+//! `orders.batch_max_orders`, after waiting for more while earlier batches
+//! are still unconfirmed, until they are confirmed or the sink's
+//! [`Sink::batch_delay`] has passed): batches grow with the backlog and
+//! with the sink's confirm time, and the sink sees fewer,
 //! larger appends when it is busiest. When a batch's confirm arrives, every
 //! sale in it is told with one [`Settled`] message; that is when shoppers
 //! get their 201. The sink's backlog (RabbitMQ's queue depth, for admission
@@ -528,12 +529,20 @@ async fn run<S: Sink>(
         let Some(first) = first else { break };
         let mut batch = vec![first];
         // Group commit: while other batches are in flight, give this one a
-        // moment to fill (this batch holds one of the places).
-        let others_in_flight = permits.available_permits() + 1 < max_batches;
-        if others_in_flight && !max_delay.is_zero() {
-            // Sleep without polling the channel: senders then do not wake
-            // this task once per entry, and the batch fills meanwhile.
-            tokio::time::sleep(max_delay).await;
+        // moment to fill (this batch holds one of the places), but no longer
+        // than until they are all confirmed: a sink that keeps up is never
+        // made to wait for nothing, and one that falls behind (confirms
+        // slower than the delay) gets the delay's larger batches.
+        let others = max_batches - 1 - permits.available_permits();
+        if others > 0 && !max_delay.is_zero() {
+            // Wait without polling the channel: senders then do not wake
+            // this task once per entry, and the batch fills meanwhile. The
+            // other places all free only when every earlier batch is
+            // confirmed; taking them is only a signal, given back at once.
+            tokio::select! {
+                _ = tokio::time::sleep(max_delay) => {}
+                _ = permits.acquire_many(others as u32) => {}
+            }
         }
         while batch.len() < cfg.batch_max_orders {
             match rx.try_recv() {
@@ -912,79 +921,147 @@ mod tests {
         panic!("timed out waiting for {what}");
     }
 
-    #[actix_web::test]
-    async fn a_batch_formed_while_the_sink_is_busy_takes_every_entry_that_waited() {
-        let mut settings = Settings::load_without_env(None, &Overrides::default())
-            .unwrap_or_else(|e| panic!("{e}"));
-        settings.orders.max_unconfirmed_batches = 1;
-        settings.orders.batch_max_delay_us = 0;
-        let dir = std::env::temp_dir().join(format!("flashsale-sink-{}", Uuid::new_v4()));
-        settings.storage.path = dir.join("store.db");
-        let store = SqliteStore::open(&settings.storage)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let deps = PublisherDeps {
-            orders: settings.orders.clone(),
-            store: Arc::new(store),
-            writers: Arc::default(),
-            metrics: crate::metrics::Metrics::register(&mut Default::default()),
-            breakers: Arc::new(Breakers::new(
-                5,
-                Duration::from_secs(1),
-                StorageMode::Embedded,
-            )),
-        };
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let gate = Arc::new(Semaphore::new(0));
-        let sink = GatedSink {
-            sizes: sizes.clone(),
-            gate: gate.clone(),
-        };
-        let (publisher, _stopped) = OrderPublisher::start(&actix::Arbiter::current(), sink, deps);
-        until("the publisher to open its sink", || publisher.is_up()).await;
+    /// A publisher over a [`GatedSink`] with `places` batches in flight at
+    /// most and `delay` for a batch to fill while others are in flight,
+    /// and a stock actor's stand-in that collects what it is told.
+    struct Gated {
+        publisher: OrderPublisher,
+        sizes: Arc<Mutex<Vec<usize>>>,
+        gate: Arc<Semaphore>,
+        told: Arc<Mutex<Vec<Uuid>>>,
+        notify: Arc<WeakRecipient<Settled>>,
+        _teller: Addr<Told>,
+        sale_id: Uuid,
+        dir: std::path::PathBuf,
+    }
 
-        let told = Arc::new(Mutex::new(Vec::new()));
-        // The publisher holds the actor weakly, as it does a stock actor.
-        let teller = Told(told.clone()).start();
-        let notify = Arc::new(teller.downgrade().recipient());
-        let sale_id = Uuid::now_v7();
-        let publish = || {
-            publisher
+    impl Gated {
+        async fn start(places: usize, delay: Duration) -> Gated {
+            let mut settings = Settings::load_without_env(None, &Overrides::default())
+                .unwrap_or_else(|e| panic!("{e}"));
+            settings.orders.max_unconfirmed_batches = places;
+            settings.orders.batch_max_delay_us = delay.as_micros() as u64;
+            let dir = std::env::temp_dir().join(format!("flashsale-sink-{}", Uuid::new_v4()));
+            settings.storage.path = dir.join("store.db");
+            let store = SqliteStore::open(&settings.storage)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let deps = PublisherDeps {
+                orders: settings.orders.clone(),
+                store: Arc::new(store),
+                writers: Arc::default(),
+                metrics: crate::metrics::Metrics::register(&mut Default::default()),
+                breakers: Arc::new(Breakers::new(
+                    5,
+                    Duration::from_secs(1),
+                    StorageMode::Embedded,
+                )),
+            };
+            let sizes = Arc::new(Mutex::new(Vec::new()));
+            let gate = Arc::new(Semaphore::new(0));
+            let sink = GatedSink {
+                sizes: sizes.clone(),
+                gate: gate.clone(),
+            };
+            let (publisher, _stopped) =
+                OrderPublisher::start(&actix::Arbiter::current(), sink, deps);
+            until("the publisher to open its sink", || publisher.is_up()).await;
+            let told = Arc::new(Mutex::new(Vec::new()));
+            // The publisher holds the actor weakly, as it does a stock actor.
+            let teller = Told(told.clone()).start();
+            Gated {
+                publisher,
+                sizes,
+                gate,
+                told,
+                notify: Arc::new(teller.downgrade().recipient()),
+                _teller: teller,
+                sale_id: Uuid::now_v7(),
+                dir,
+            }
+        }
+
+        fn publish(&self) {
+            self.publisher
                 .try_publish(PublishRequest {
-                    entry: reservation(sale_id),
-                    sale_id,
-                    notify: notify.clone(),
+                    entry: reservation(self.sale_id),
+                    sale_id: self.sale_id,
+                    notify: self.notify.clone(),
                 })
                 .unwrap_or_else(|e| panic!("{e:?}"));
-        };
-        let appended = || sizes.lock().map(|s| s.clone()).unwrap_or_default();
+        }
 
+        fn appended(&self) -> Vec<usize> {
+            self.sizes.lock().map(|s| s.clone()).unwrap_or_default()
+        }
+
+        fn told(&self) -> usize {
+            self.told.lock().map(|t| t.len()).unwrap_or(0)
+        }
+
+        fn stop(self) {
+            self.publisher.shutdown();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[actix_web::test]
+    async fn a_batch_formed_while_the_sink_is_busy_takes_every_entry_that_waited() {
+        let log = Gated::start(1, Duration::ZERO).await;
         // One batch in flight takes the one place.
-        publish();
-        until("the first batch", || appended() == vec![1]).await;
+        log.publish();
+        until("the first batch", || log.appended() == vec![1]).await;
         // What arrives meanwhile, in two waves, waits for the place rather
         // than forming batches of its own behind it.
         for _ in 0..2 {
             for _ in 0..20 {
-                publish();
+                log.publish();
             }
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
         assert_eq!(
-            appended(),
+            log.appended(),
             vec![1],
             "nothing more is appended while the place is taken"
         );
         // The first confirm frees the place: the next batch takes all 40.
-        gate.add_permits(1);
-        until("the second batch", || appended().len() == 2).await;
-        assert_eq!(appended(), vec![1, 40]);
-        gate.add_permits(1);
-        until("every entry confirmed", || {
-            told.lock().map(|t| t.len()).unwrap_or(0) == 41
-        })
-        .await;
-        publisher.shutdown();
-        let _ = std::fs::remove_dir_all(dir);
+        log.gate.add_permits(1);
+        until("the second batch", || log.appended().len() == 2).await;
+        assert_eq!(log.appended(), vec![1, 40]);
+        log.gate.add_permits(1);
+        until("every entry confirmed", || log.told() == 41).await;
+        log.stop();
+    }
+
+    #[actix_web::test]
+    async fn a_batch_waits_for_more_only_until_the_batches_before_it_are_confirmed() {
+        // Two places, and a delay far longer than the test.
+        let log = Gated::start(2, Duration::from_secs(30)).await;
+        // Nothing in flight: the first entry goes at once.
+        log.publish();
+        until("the first batch", || log.appended() == vec![1]).await;
+        // With the first unconfirmed, the next batch takes the second place
+        // and waits for more.
+        for _ in 0..5 {
+            log.publish();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 0..3 {
+            log.publish();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            log.appended(),
+            vec![1],
+            "the batch waits while the first is unconfirmed"
+        );
+        // The first confirm ends the wait: the batch goes with everything
+        // that came meanwhile, not after the delay.
+        log.gate.add_permits(1);
+        until("the second batch", || log.appended().len() == 2).await;
+        assert_eq!(log.appended(), vec![1, 8]);
+        log.gate.add_permits(1);
+        until("every entry confirmed", || log.told() == 9).await;
+        log.stop();
     }
 }
