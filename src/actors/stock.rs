@@ -637,19 +637,24 @@ impl Handler<Settled> for StockActor {
 
     fn handle(&mut self, msg: Settled, _: &mut Self::Context) {
         self.shared.messages_handled.fetch_add(1, Ordering::Relaxed);
-        for id in msg.confirmed {
-            let order = self.book.confirm(id).map(Arc::new);
-            if let (Some(order), false) = (&order, msg.stored) {
-                self.registry.orders.upsert(order.clone());
-            }
-            self.answer(id, order.as_ref(), Outcome::Confirmed);
-        }
-        for id in msg.in_doubt {
+        // The book first, then the shared view, then the answers: whoever
+        // holds an answer reads a sale and an actor status that already
+        // show it (a cancelled order's units back in stock).
+        let confirmed: Vec<(Uuid, Option<Arc<Order>>)> = msg
+            .confirmed
+            .iter()
+            .map(|&id| {
+                let order = self.book.confirm(id).map(Arc::new);
+                if let (Some(order), false) = (&order, msg.stored) {
+                    self.registry.orders.upsert(order.clone());
+                }
+                (id, order)
+            })
+            .collect();
+        for &id in &msg.in_doubt {
             self.book.mark_in_doubt(id);
-            self.answer(id, None, Outcome::Unavailable);
         }
-        for id in msg.released {
-            self.answer(id, None, Outcome::Unavailable);
+        for &id in &msg.released {
             if let Some(Order {
                 user_id,
                 idempotency_key: Some(key),
@@ -662,6 +667,12 @@ impl Handler<Settled> for StockActor {
             }
         }
         self.changed();
+        for (id, order) in confirmed {
+            self.answer(id, order.as_ref(), Outcome::Confirmed);
+        }
+        for id in msg.in_doubt.into_iter().chain(msg.released) {
+            self.answer(id, None, Outcome::Unavailable);
+        }
     }
 }
 
