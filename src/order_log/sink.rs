@@ -991,6 +991,17 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e:?}"));
         }
 
+        /// Publishes each wave's entries at once, then lets the publisher
+        /// run for a moment before the next.
+        async fn publish_in_waves(&self, waves: &[usize]) {
+            for &n in waves {
+                for _ in 0..n {
+                    self.publish();
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        }
+
         fn appended(&self) -> Vec<usize> {
             self.sizes.lock().map(|s| s.clone()).unwrap_or_default()
         }
@@ -1013,12 +1024,7 @@ mod tests {
         until("the first batch", || log.appended() == vec![1]).await;
         // What arrives meanwhile, in two waves, waits for the place rather
         // than forming batches of its own behind it.
-        for _ in 0..2 {
-            for _ in 0..20 {
-                log.publish();
-            }
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
+        log.publish_in_waves(&[20, 20]).await;
         assert_eq!(
             log.appended(),
             vec![1],
@@ -1042,14 +1048,7 @@ mod tests {
         until("the first batch", || log.appended() == vec![1]).await;
         // With the first unconfirmed, the next batch takes the second place
         // and waits for more.
-        for _ in 0..5 {
-            log.publish();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        for _ in 0..3 {
-            log.publish();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        log.publish_in_waves(&[5, 3]).await;
         assert_eq!(
             log.appended(),
             vec![1],
