@@ -40,8 +40,14 @@ CONNECTIONS=${BENCH_CONNECTIONS:-64}
 # machine's capacity more connections only lengthen the queue: the p99 of
 # the 201s is about twice the connections over the rate. The default is the
 # crowd that gets the most from the machine with that p99 within 25 ms.
-# Measured with load-tests/ab.sh (three alternated rounds of 16 s runs,
-# services mode, 2-core benchmark machine, one session): 320 connections
+# Since a batch goes at its predecessor's confirm (rather than after
+# the whole batch delay), the same crowd waits less: measured with
+# load-tests/ab.sh (alternated rounds of 16 s runs, services mode, 2-core
+# benchmark machine, one session): 320 connections 0.34-0.35 of /healthz
+# (three runs), p99 18.0-24.4 ms; 384: 0.36-0.43 (four runs, median 0.39),
+# p99 17.5-19.1 ms, with larger batches and less CPU per reservation;
+# 448: 0.41 and 0.34 (p99 20.2 and 28.8 ms).
+# Before that change (three rounds, one session): 320 connections
 # 0.32-0.39 of /healthz (median 0.37), p99 21-25 ms; 384: 0.31-0.44
 # (0.35), p99 26-30 ms; 768: 0.33-0.43 (0.37), p99 43-54 ms. Earlier
 # sessions: on a fast day 768 gave 0.37 with p99 21-24 ms; on a day when
@@ -49,7 +55,7 @@ CONNECTIONS=${BENCH_CONNECTIONS:-64}
 # 54-78 ms and 256 gave 0.24-0.27 with p99 20-24 ms. So the tail follows
 # the machine's speed over the connections, and the rate does not grow
 # past a few hundred.
-RESERVE_CONNECTIONS=${BENCH_RESERVE_CONNECTIONS:-320}
+RESERVE_CONNECTIONS=${BENCH_RESERVE_CONNECTIONS:-384}
 # The crowd's size against the tail, in services mode: after the main
 # reservation run, shorter runs (BENCH_SWEEP_SECONDS, default 10) at each of
 # BENCH_SWEEP_CONNECTIONS, each on a sale of its own so that the same buyers
@@ -72,9 +78,23 @@ BASE="http://127.0.0.1:$PORT"
 ADMIN="Authorization: Bearer bench-admin-token"
 WORK=$(mktemp -d)
 SERVER_PID=
-trap 'kill $SERVER_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
+# BENCH_RABBITMQ_EMBED_BELOW (default empty: the broker as it is): keep
+# messages under this many bytes in the queue's index rather than in the
+# broker's shared message store (RabbitMQ's `queue_index_embed_msgs_below`,
+# which config.toml's `rabbitmq.queue` describes with its figures; reproduce
+# them with `load-tests/ab.sh shipped embed:BENCH_RABBITMQ_EMBED_BELOW=65536`).
+# Set on the running broker for as long as the run lasts, so it applies to
+# the queues the run declares; the broker's own value comes back at exit.
+EMBED_BELOW=${BENCH_RABBITMQ_EMBED_BELOW:-}
+EMBED_BEFORE=
+embed_below() { rabbitmqctl -q eval "application:set_env(rabbit, queue_index_embed_msgs_below, $1)." >/dev/null; }
+trap 'kill $SERVER_PID 2>/dev/null || true; rm -rf "$WORK"; [ -z "$EMBED_BEFORE" ] || embed_below "$EMBED_BEFORE"' EXIT
 
 scripts/services
+if [ -n "$EMBED_BELOW" ]; then
+  EMBED_BEFORE=$(rabbitmqctl -q eval 'case application:get_env(rabbit, queue_index_embed_msgs_below) of {ok, V} -> V; undefined -> 4096 end.')
+  embed_below "$EMBED_BELOW"
+fi
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 cargo build --release -q -p flashsale -p flashsale-load-tests
 
@@ -358,6 +378,15 @@ core_runs() { # embedded | services
 
 for m in $MODES; do core_runs "$m"; done
 
+# The RabbitMQ setting the run had (config.toml, `rabbitmq.queue`).
+broker_line() {
+  if [ -n "$EMBED_BELOW" ]; then
+    echo "RabbitMQ: messages under $EMBED_BELOW bytes kept in the queue index (\`queue_index_embed_msgs_below\`, see config.toml's \`rabbitmq.queue\`; the broker had $EMBED_BEFORE and has it back)."
+  else
+    echo "RabbitMQ: as the broker was set up (BENCH_RABBITMQ_EMBED_BELOW not set)."
+  fi
+}
+
 # The report's part on steps 1-3, both modes.
 core_report() {
   echo "Each storage mode on a fresh server and store, one after the other, with the same workload; every ratio is to the /healthz of the same mode's run."
@@ -409,7 +438,7 @@ core_report() {
 }
 
 # BENCH_CORE_ONLY=1: steps 1-3 only, their report on stdout.
-if [ "${BENCH_CORE_ONLY:-0}" = 1 ]; then core_report; exit 0; fi
+if [ "${BENCH_CORE_ONLY:-0}" = 1 ]; then broker_line; core_report; exit 0; fi
 
 # 4. The rush, on a fresh server and database, with goose (throttled so it
 # does not starve the server; goose costs ~4x wrk's CPU per request).
@@ -543,6 +572,7 @@ REPORT=load-tests/reports/bench-$(date -u +%Y%m%dT%H%M%SZ).md
   echo
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; server and wrk on the same machine."
   echo "Tool: wrk, $THREADS thread(s); $CONNECTIONS connections for /healthz and the sold-out run, $RESERVE_CONNECTIONS for the reservation run; every figure from this one run."
+  echo "$(broker_line)"
   echo
   core_report
   echo "- The steps below run in services mode."
