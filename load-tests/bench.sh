@@ -47,15 +47,21 @@ CONNECTIONS=${BENCH_CONNECTIONS:-64}
 # (three runs), p99 18.0-24.4 ms; 384: 0.36-0.43 (four runs, median 0.39),
 # p99 17.5-19.1 ms, with larger batches and less CPU per reservation;
 # 448: 0.41 and 0.34 (p99 20.2 and 28.8 ms).
-# Before that change (three rounds, one session): 320 connections
-# 0.32-0.39 of /healthz (median 0.37), p99 21-25 ms; 384: 0.31-0.44
+# Since a batch smaller than its predecessor waits a moment for as many
+# (rabbitmq.batch_gather_us), batches are larger, the machine idles while
+# they wait, and a larger crowd takes that up (load-tests/ab.sh, one
+# session): 384 connections 0.39 and 0.39, p99 18.3-19.2 ms; 448: 0.42,
+# 0.42, 0.42, 0.43 (p99 16.7-22.5 ms); 512: 0.42-0.44 (four runs, p99
+# 19.2-21.6 ms). 448 keeps more of the tail's margin for a slower day.
+# Before batches went at the confirm (three rounds, one session): 320
+# connections 0.32-0.39 of /healthz (median 0.37), p99 21-25 ms; 384: 0.31-0.44
 # (0.35), p99 26-30 ms; 768: 0.33-0.43 (0.37), p99 43-54 ms. Earlier
 # sessions: on a fast day 768 gave 0.37 with p99 21-24 ms; on a day when
 # the machine ran at about half that speed, 768 gave 0.29-0.36 with p99
 # 54-78 ms and 256 gave 0.24-0.27 with p99 20-24 ms. So the tail follows
 # the machine's speed over the connections, and the rate does not grow
 # past a few hundred.
-RESERVE_CONNECTIONS=${BENCH_RESERVE_CONNECTIONS:-384}
+RESERVE_CONNECTIONS=${BENCH_RESERVE_CONNECTIONS:-448}
 # The crowd's size against the tail, in services mode: after the main
 # reservation run, shorter runs (BENCH_SWEEP_SECONDS, default 10) at each of
 # BENCH_SWEEP_CONNECTIONS, each on a sale of its own so that the same buyers

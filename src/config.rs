@@ -122,6 +122,7 @@ pub struct RabbitSettings {
     pub dead_letter_queue: String,
     pub connect_timeout_ms: u64,
     pub batch_max_delay_us: u64,
+    pub batch_gather_us: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,6 +175,7 @@ pub enum PaymentProviderKind {
 pub struct OrderSettings {
     pub batch_max_orders: usize,
     pub batch_max_delay_us: u64,
+    pub batch_gather_us: u64,
     pub max_unconfirmed_batches: usize,
     pub publish_queue_capacity: usize,
     pub max_queue_depth: u32,
@@ -318,8 +320,11 @@ impl Settings {
         // A batch that waits as long as a purchase waits for its confirm
         // would answer every purchase of a rush 503.
         let confirm_us = o.confirm_timeout_ms.saturating_mul(1000);
-        if o.batch_max_delay_us >= confirm_us || self.rabbitmq.batch_max_delay_us >= confirm_us {
-            return fail("orders.batch_max_delay_us and rabbitmq.batch_max_delay_us must be shorter than orders.confirm_timeout_ms");
+        let r = &self.rabbitmq;
+        if o.batch_max_delay_us.saturating_add(o.batch_gather_us) >= confirm_us
+            || r.batch_max_delay_us.saturating_add(r.batch_gather_us) >= confirm_us
+        {
+            return fail("orders.batch_max_delay_us + orders.batch_gather_us and rabbitmq.batch_max_delay_us + rabbitmq.batch_gather_us must be shorter than orders.confirm_timeout_ms");
         }
         if self.storage.read_connections == 0 {
             return fail("storage.read_connections must be at least 1");
@@ -491,7 +496,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_delay_must_be_shorter_than_the_confirm_timeout() {
+    fn a_batch_delay_and_gather_must_be_shorter_than_the_confirm_timeout() {
         let mut s = Settings::load_without_env(None, &Overrides::default())
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(s.validate().is_ok());
@@ -499,6 +504,14 @@ mod tests {
         assert!(s.validate().is_err());
         s.rabbitmq.batch_max_delay_us = 5000;
         s.orders.batch_max_delay_us = s.orders.confirm_timeout_ms * 1000 + 1;
+        assert!(s.validate().is_err());
+        // The gather comes on top of the delay.
+        s.orders.batch_max_delay_us = 5000;
+        assert!(s.validate().is_ok());
+        s.rabbitmq.batch_gather_us = s.orders.confirm_timeout_ms * 1000 - 5000;
+        assert!(s.validate().is_err());
+        s.rabbitmq.batch_gather_us = 1000;
+        s.orders.batch_gather_us = s.orders.confirm_timeout_ms * 1000;
         assert!(s.validate().is_err());
     }
 

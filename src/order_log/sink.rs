@@ -10,9 +10,12 @@
 //! are still unconfirmed, until they are confirmed or the sink's
 //! [`Sink::batch_delay`] has passed): batches grow with the backlog and
 //! with the sink's confirm time, and the sink sees fewer,
-//! larger appends when it is busiest. When a batch's confirm arrives, every
-//! sale in it is told with one [`Settled`] message; that is when shoppers
-//! get their 201. The sink's backlog (RabbitMQ's queue depth, for admission
+//! larger appends when it is busiest. A batch free to go that holds fewer
+//! entries than the one before it waits at most [`Sink::batch_gather`] for
+//! as many: under a rush the stragglers of one wave of buyers go with the
+//! next, not in a small message of their own. When a batch's confirm
+//! arrives, every sale in it is told with one [`Settled`] message; that is
+//! when shoppers get their 201. The sink's backlog (RabbitMQ's queue depth, for admission
 //! control) is sampled by a task of its own, never by the publish loop.
 //!
 //! The sink is the storage mode's: [`RabbitSink`] publishes a batch as one
@@ -245,6 +248,13 @@ pub trait Sink: Send + 'static {
         Duration::from_micros(orders.batch_max_delay_us)
     }
 
+    /// How long a batch that may go waits at most to hold as many entries
+    /// as the batch before it: `orders.batch_gather_us` unless the sink has
+    /// a figure of its own.
+    fn batch_gather(&self, orders: &OrderSettings) -> Duration {
+        Duration::from_micros(orders.batch_gather_us)
+    }
+
     async fn close(&self, link: &Self::Link);
 }
 
@@ -322,6 +332,12 @@ impl Sink for RabbitSink {
     /// (`rabbitmq.batch_max_delay_us`).
     fn batch_delay(&self, _: &OrderSettings) -> Duration {
         Duration::from_micros(self.settings.batch_max_delay_us)
+    }
+
+    /// Likewise, a rush's stragglers wait for the wave behind them
+    /// (`rabbitmq.batch_gather_us`).
+    fn batch_gather(&self, _: &OrderSettings) -> Duration {
+        Duration::from_micros(self.settings.batch_gather_us)
     }
 
     async fn close(&self, link: &RabbitLink) {
@@ -458,6 +474,10 @@ async fn run<S: Sink>(
     let initial_backoff = Duration::from_millis(cfg.reconnect_initial_ms.max(1));
     let mut backoff = initial_backoff;
     let max_delay = sink.batch_delay(cfg);
+    let gather = sink.batch_gather(cfg);
+    // Entries in the batch appended last: under a steady load, about what
+    // the next one can expect.
+    let mut last_size = 0;
     let breaker = sink.breaker()(&deps.breakers);
     let look_around = Duration::from_millis(250);
 
@@ -544,12 +564,28 @@ async fn run<S: Sink>(
                 _ = permits.acquire_many(others as u32) => {}
             }
         }
-        while batch.len() < cfg.batch_max_orders {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+        take_waiting(&mut rx, &mut batch, cfg.batch_max_orders);
+        // Gather: a batch that may go but holds fewer entries than the one
+        // before it waits a moment for the rest (under a rush, buyers come
+        // back in waves, and a wave that finds nothing in flight would send
+        // its first few alone, each message costing RabbitMQ about what a
+        // full one does). A buyer after a quiet spell never waits: the
+        // batch before was as small.
+        let wanted = last_size.min(cfg.batch_max_orders);
+        if batch.len() < wanted && !gather.is_zero() {
+            let until = tokio::time::Instant::now() + gather;
+            while batch.len() < wanted {
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Some(r) => batch.push(r),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(until) => break,
+                }
             }
+            take_waiting(&mut rx, &mut batch, cfg.batch_max_orders);
         }
+        last_size = batch.len();
 
         if publish(&*sink, batch, &current, &deps, &stats, permit, &doubtful)
             .await
@@ -581,6 +617,20 @@ async fn run<S: Sink>(
     let last = link.borrow_mut().take();
     if let Some(l) = last {
         sink.close(&l).await;
+    }
+}
+
+/// Moves the entries waiting in the channel into `batch`, up to `most`.
+fn take_waiting(
+    rx: &mut mpsc::Receiver<PublishRequest>,
+    batch: &mut Vec<PublishRequest>,
+    most: usize,
+) {
+    while batch.len() < most {
+        match rx.try_recv() {
+            Ok(r) => batch.push(r),
+            Err(_) => break,
+        }
     }
 }
 
@@ -922,8 +972,9 @@ mod tests {
     }
 
     /// A publisher over a [`GatedSink`] with `places` batches in flight at
-    /// most and `delay` for a batch to fill while others are in flight,
-    /// and a stock actor's stand-in that collects what it is told.
+    /// most, `delay` for a batch to fill while others are in flight and
+    /// `gather` for one to reach its predecessor's size, and a stock
+    /// actor's stand-in that collects what it is told.
     struct Gated {
         publisher: OrderPublisher,
         sizes: Arc<Mutex<Vec<usize>>>,
@@ -936,11 +987,12 @@ mod tests {
     }
 
     impl Gated {
-        async fn start(places: usize, delay: Duration) -> Gated {
+        async fn start(places: usize, delay: Duration, gather: Duration) -> Gated {
             let mut settings = Settings::load_without_env(None, &Overrides::default())
                 .unwrap_or_else(|e| panic!("{e}"));
             settings.orders.max_unconfirmed_batches = places;
             settings.orders.batch_max_delay_us = delay.as_micros() as u64;
+            settings.orders.batch_gather_us = gather.as_micros() as u64;
             let dir = std::env::temp_dir().join(format!("flashsale-sink-{}", Uuid::new_v4()));
             settings.storage.path = dir.join("store.db");
             let store = SqliteStore::open(&settings.storage)
@@ -1018,7 +1070,7 @@ mod tests {
 
     #[actix_web::test]
     async fn a_batch_formed_while_the_sink_is_busy_takes_every_entry_that_waited() {
-        let log = Gated::start(1, Duration::ZERO).await;
+        let log = Gated::start(1, Duration::ZERO, Duration::ZERO).await;
         // One batch in flight takes the one place.
         log.publish();
         until("the first batch", || log.appended() == vec![1]).await;
@@ -1042,7 +1094,7 @@ mod tests {
     #[actix_web::test]
     async fn a_batch_waits_for_more_only_until_the_batches_before_it_are_confirmed() {
         // Two places, and a delay far longer than the test.
-        let log = Gated::start(2, Duration::from_secs(30)).await;
+        let log = Gated::start(2, Duration::from_secs(30), Duration::ZERO).await;
         // Nothing in flight: the first entry goes at once.
         log.publish();
         until("the first batch", || log.appended() == vec![1]).await;
@@ -1061,6 +1113,45 @@ mod tests {
         assert_eq!(log.appended(), vec![1, 8]);
         log.gate.add_permits(1);
         until("every entry confirmed", || log.told() == 9).await;
+        log.stop();
+    }
+
+    #[actix_web::test]
+    async fn a_batch_smaller_than_the_one_before_waits_for_more_only_until_the_gather_ends() {
+        let gather = Duration::from_millis(600);
+        let log = Gated::start(2, Duration::ZERO, gather).await;
+        // The first batch has no predecessor to match: it goes at once.
+        log.publish_in_waves(&[4]).await;
+        until("the first batch", || log.appended() == vec![4]).await;
+        log.gate.add_permits(1);
+        until("the first confirm", || log.told() == 4).await;
+        // Nothing in flight, yet one entry does not go alone after a batch
+        // of four: it waits for the wave behind it...
+        log.publish_in_waves(&[1, 2]).await;
+        assert_eq!(log.appended(), vec![4], "three of four wait for the fourth");
+        // ...and goes as soon as it holds as many as the batch before.
+        log.publish_in_waves(&[1]).await;
+        until("the second batch", || log.appended().len() == 2).await;
+        assert_eq!(log.appended(), vec![4, 4]);
+        log.gate.add_permits(1);
+        until("the second confirm", || log.told() == 8).await;
+        // A buyer with no wave behind waits no longer than the gather...
+        let alone = std::time::Instant::now();
+        log.publish();
+        until("the lone batch", || log.appended().len() == 3).await;
+        assert!(alone.elapsed() >= gather, "it waited for the gather");
+        log.gate.add_permits(1);
+        // ...and the next lone buyer, after a batch of one, not at all.
+        let next = std::time::Instant::now();
+        log.publish();
+        until("the next lone batch", || log.appended().len() == 4).await;
+        assert!(
+            next.elapsed() < gather,
+            "a batch as large as the last goes at once"
+        );
+        assert_eq!(log.appended(), vec![4, 4, 1, 1]);
+        log.gate.add_permits(1);
+        until("every entry confirmed", || log.told() == 10).await;
         log.stop();
     }
 }
