@@ -15,8 +15,9 @@
 //! as many: under a rush the stragglers of one wave of buyers go with the
 //! next, not in a small message of their own. When a batch's confirm
 //! arrives, every sale in it is told with one [`Settled`] message; that is
-//! when shoppers get their 201. The sink's backlog (RabbitMQ's queue depth, for admission
-//! control) is sampled by a task of its own, never by the publish loop.
+//! when shoppers get their 201. The sink's backlog (RabbitMQ's queue depth,
+//! for admission control) is sampled by a task of its own, never by the
+//! publish loop.
 //!
 //! The sink is the storage mode's: [`RabbitSink`] publishes a batch as one
 //! persistent message on a channel in confirm mode (services);
@@ -571,19 +572,22 @@ async fn run<S: Sink>(
         // its first few alone, each message costing RabbitMQ about what a
         // full one does). A buyer after a quiet spell never waits: the
         // batch before was as small.
-        let wanted = last_size.min(cfg.batch_max_orders);
-        if batch.len() < wanted && !gather.is_zero() {
-            let until = tokio::time::Instant::now() + gather;
-            while batch.len() < wanted {
+        // (No batch is larger than batch_max_orders, so neither is the one
+        // to match.) One timer for the whole wait; each wake takes all that
+        // has arrived.
+        if batch.len() < last_size && !gather.is_zero() {
+            let deadline = tokio::time::sleep(gather);
+            tokio::pin!(deadline);
+            while batch.len() < last_size {
                 tokio::select! {
                     r = rx.recv() => match r {
                         Some(r) => batch.push(r),
                         None => break,
                     },
-                    _ = tokio::time::sleep_until(until) => break,
+                    _ = &mut deadline => break,
                 }
+                take_waiting(&mut rx, &mut batch, cfg.batch_max_orders);
             }
-            take_waiting(&mut rx, &mut batch, cfg.batch_max_orders);
         }
         last_size = batch.len();
 
